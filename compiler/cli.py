@@ -1,0 +1,177 @@
+"""The `slimc` command line; heavy imports (torch, onnx, tvm) happen inside commands so --help is instant."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+DEFAULT_PIPELINE = "canonicalize,fold-bn,fuse-act"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL",
+                   help="a .onnx, .pt2 or .slimc file, 'package.module:callable' returning an nn.Module, "
+                        "or 'torchvision:<name>' (random weights)")
+    p.add_argument("--input-shape", action="append", metavar="1,3,224,224",
+                   help="input shape (repeat for several inputs); default: the model's own, else 1,3,224,224")
+    p.add_argument("--dynamic-batch", action="store_true", help="import torch models with a symbolic batch dim N")
+    p.add_argument("--passes", default=DEFAULT_PIPELINE, metavar="PIPELINE",
+                   help=f"pass pipeline, e.g. 'canonicalize,fold-bn,fuse-act' (default: {DEFAULT_PIPELINE}; '' for none)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slimc",
+        description="slimc: a hardware-aware, compiler-style optimizer for CNNs (import, inspect, transform, export).")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("inspect", help="import a model, run a pass pipeline and report what every pass did",
+                       description="Import MODEL, run the pipeline with verification and a numeric check against "
+                                   "the original model after every pass, and print a per-pass table.")
+    _add_model_args(p)
+    p.add_argument("--dump-dir", metavar="DIR",
+                   help="write NN_<pass>/{ir.txt,diff.txt,model.onnx,graph.dot,stats.json} per step")
+    p.add_argument("--print-after-all", action="store_true", help="print the IR after every pass")
+    p.add_argument("--print-changed", action="store_true", help="print the IR after every pass that changed it")
+    p.add_argument("--json", action="store_true", help="print the per-pass records as JSON instead of a table")
+    p.add_argument("--inputs", metavar="FILE.npy|.npz",
+                   help="sample inputs for the numeric check (default: seeded random data of the input shape)")
+    p.add_argument("--no-check", action="store_true", help="skip the numeric check against the original model")
+    p.add_argument("--save", metavar="OUT.slimc", help="save the final graph with its weights")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("export", help="run a pipeline and write the result as .onnx, .pt2 or .slimc",
+                       description="Import MODEL, run the pipeline, and write the graph; the format follows "
+                                   "the output's extension.")
+    _add_model_args(p)
+    p.add_argument("-o", "--output", required=True, metavar="PATH", help="output file: *.onnx, *.pt2 or *.slimc")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("passes", help="list the registered passes and their options")
+    p.set_defaults(func=cmd_passes)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    from slimc.errors import SlimcError
+
+    try:
+        return int(args.func(args) or 0)
+    except SlimcError as e:
+        if args.debug:
+            raise
+        print(f"slimc: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("slimc: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # an unexpected failure is a bug in slimc: say so, and how to get details
+        if args.debug:
+            raise
+        print(f"slimc: internal error: {type(e).__name__}: {e}. This is a bug in slimc; rerun with --debug "
+              "for the traceback and report it.", file=sys.stderr)
+        return 70
+
+
+def _load(args: argparse.Namespace):
+    from slimc.models import load_model, parse_shape
+
+    shapes = [parse_shape(s) for s in args.input_shape] if args.input_shape else None
+    return load_model(args.model, shapes, dynamic_batch=args.dynamic_batch)
+
+
+def _sample_inputs(args: argparse.Namespace, loaded) -> list:
+    import numpy as np
+
+    from slimc import interpreter
+    from slimc.errors import ShapeError
+
+    graph = loaded.graph
+    if not getattr(args, "inputs", None):
+        return list(loaded.sample) if loaded.sample is not None else interpreter.example_inputs(graph, seed=0)
+    try:
+        loaded = np.load(args.inputs)
+    except (OSError, ValueError) as e:
+        raise ShapeError(f"cannot read --inputs {args.inputs}: {e}; pass a .npy array or an .npz archive") from None
+    arrays = [loaded[k] for k in loaded.files] if hasattr(loaded, "files") else [loaded]
+    arrays = [a.astype(t.dtype) for a, (_, t) in zip(arrays, graph.inputs)]
+    interpreter.check_inputs(graph, arrays)
+    return arrays
+
+
+def _run_pipeline(args: argparse.Namespace, check: bool, **instrument_kw):
+    from slimc.pass_manager import Instruments, PassContext, PassManager
+
+    loaded = _load(args)
+    pm = PassManager(args.passes)  # parse (and reject a bad pipeline) before any heavy work
+    reference = None
+    sample = _sample_inputs(args, loaded)
+    if check:
+        reference = (sample, loaded.oracle(sample))
+    pm = PassManager(pm.specs, Instruments(reference=reference, **instrument_kw), PassContext(sample_inputs=sample))
+    graph, records = pm.run(loaded.graph)
+    return loaded, pm, graph, records
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from slimc import ir, report
+
+    if args.dump_dir:
+        args.dump_dir = os.path.abspath(args.dump_dir)
+    loaded, pm, graph, records = _run_pipeline(
+        args, check=not args.no_check, dump_dir=args.dump_dir, print_after_all=args.print_after_all,
+        print_changed=args.print_changed)
+    if args.save:
+        ir.save(graph, args.save)
+    if args.json:
+        print(json.dumps({"model": loaded.spec, "reference": loaded.oracle_name, "pipeline": pm.pipeline,
+                          "steps": [r.to_json() for r in records]}, indent=2))
+        return 0
+    print(report.pipeline_table(loaded.spec, loaded.oracle_name, pm.pipeline, records))
+    if args.dump_dir:
+        print(f"per-pass dumps: {args.dump_dir}")
+    if args.save:
+        print(f"saved: {args.save}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from slimc import export, ir
+    from slimc.errors import SlimcError
+
+    out = args.output
+    ext = os.path.splitext(out)[1].lower()
+    writers = {".onnx": export.to_onnx, ".pt2": export.to_pt2, ".slimc": ir.save}
+    if ext not in writers:
+        raise SlimcError(f"cannot tell the export format of {out!r}: use a .onnx, .pt2 or .slimc file name")
+    loaded, pm, graph, records = _run_pipeline(args, check=True)
+    writers[ext](graph, out)
+    fid = records[-1].fidelity
+    err = f" (max error vs {loaded.oracle_name}: {fid.max_rel:.2e} of output range)" if fid else ""
+    print(f"wrote {out}: {records[-1].stats.nodes} nodes after '{pm.pipeline or '(no passes)'}'{err}")
+    return 0
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from slimc.pass_manager import PASSES, load_builtin_passes
+
+    load_builtin_passes()
+    for name in sorted(PASSES):
+        info = PASSES[name]
+        print(f"{name:16s} {info.doc}")
+        for oname, o in info.options.items():
+            print(f"  {oname}: {o.type.__name__} = {o.default!r}  {o.help}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -143,7 +143,7 @@ def _pad(x, a):
         return F.pad(x[0], torch_pads, mode="constant", value=a["value"])
     while torch_pads and torch_pads[-2:] == [0, 0]:  # torch's reflect/replicate pad only trailing dims
         torch_pads = torch_pads[:-2]
-    return F.pad(x[0], torch_pads, mode=mode)
+    return F.pad(x[0], torch_pads, mode=mode) if torch_pads else x[0]
 
 
 @kernel("max_pool2d")

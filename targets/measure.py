@@ -1,0 +1,89 @@
+"""Latency measurement: locally through the VM's time evaluator, or on a board through TVM's RPC tracker."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from slimc.errors import SlimcError
+
+
+class MeasureError(SlimcError):
+    """Measurement could not run (no tracker, no free board, artifact mismatch)."""
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Per-inference latency statistics over `repeats` timed runs, each averaging `number` calls."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    mean_ms: float
+    repeats: int
+    number: int
+    warmup: int
+    threads: int
+    where: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return (f"{self.median_ms:.3f} ms median (p10 {self.p10_ms:.3f}, p90 {self.p90_ms:.3f}; "
+                f"{self.repeats}x{self.number} runs, {self.threads} threads, {self.where})")
+
+
+def summarize(seconds: Sequence[float], number: int, warmup: int, threads: int, where: str) -> Latency:
+    ms = np.asarray(seconds, np.float64) * 1e3
+    return Latency(float(np.median(ms)), float(np.percentile(ms, 10)), float(np.percentile(ms, 90)), float(ms.mean()),
+                   len(ms), number, warmup, threads, where)
+
+
+def host_threads() -> int:
+    env = os.environ.get("TVM_NUM_THREADS")
+    return int(env) if env else len(os.sched_getaffinity(0))
+
+
+def _time_vm(vm, dev, inputs, number: int, repeat: int, warmup: int) -> list[float]:
+    vm.set_input("main", *inputs)
+    for _ in range(warmup):
+        vm.invoke_stateful("main")
+    timer = vm.time_evaluator("invoke_stateful", dev, number=number, repeat=repeat)
+    return list(timer("main").results)
+
+
+def measure_local(model, inputs: Sequence[np.ndarray], *, number: int = 10, repeat: int = 30,
+                  warmup: int = 10) -> Latency:
+    """Time a loaded artifact (slimc.runtime.CompiledModel) on this machine."""
+    tensors = model._tensors(inputs)
+    secs = _time_vm(model.vm, model.device, tensors, number, repeat, warmup)
+    return summarize(secs, number, warmup, host_threads(), "local")
+
+
+def measure_rpc(artifact_dir: str, inputs: Sequence[np.ndarray], tracker: str, key: str, *, number: int = 10,
+                repeat: int = 30, warmup: int = 10, timeout: int = 60) -> Latency:
+    """Upload the artifact's library to a board reserved through an RPC tracker and time it there."""
+    import tvm
+    from tvm import relax, rpc
+
+    host, _, port = tracker.rpartition(":")
+    if not host or not port.isdigit():
+        raise MeasureError(f"--rpc {tracker!r} must be HOST:PORT of a TVM RPC tracker")
+    try:
+        trk = rpc.connect_tracker(host, int(port))
+        remote = trk.request(key, priority=0, session_timeout=timeout)
+    except Exception as e:
+        raise MeasureError(f"cannot get a device with key {key!r} from the RPC tracker at {tracker}: "
+                           f"{str(e).strip().splitlines()[-1][:200]}; check `python -m tvm.exec.query_rpc_tracker`") from None
+    lib_path = os.path.join(artifact_dir, "model.so")
+    remote.upload(lib_path)
+    lib = remote.load_module("model.so")
+    dev = remote.cpu()
+    vm = relax.VirtualMachine(lib, dev)
+    tensors = [tvm.runtime.tensor(np.ascontiguousarray(x), dev) for x in inputs]
+    secs = _time_vm(vm, dev, tensors, number, repeat, warmup)
+    return summarize(secs, number, warmup, -1, f"rpc {tracker} key={key}")

@@ -22,6 +22,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"pass pipeline, e.g. 'canonicalize,fold-bn,fuse-act' (default: {DEFAULT_PIPELINE}; '' for none)")
 
 
+def _add_target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="native", metavar="TRIPLE|PRESET",
+                   help="LLVM triple (x86_64-linux-gnu, aarch64-linux-gnu) or a preset from `slimc targets` "
+                        "(default: native)")
+    p.add_argument("--mcpu", help="CPU name as LLVM knows it (e.g. cascadelake, cortex-a76)")
+    p.add_argument("--mattr", help="comma-separated features, e.g. +neon,+dotprod")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slimc",
@@ -50,6 +58,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("-o", "--output", required=True, metavar="PATH", help="output file: *.onnx, *.pt2 or *.slimc")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("compile", help="optimize, lower with TVM, tune and build a deployable artifact",
+                       description="Import MODEL, run the pipeline, lower it to TVM Relax for the target, tune the "
+                                   "workloads missing from the tuning database, build, check the artifact against "
+                                   "the IR and measure its latency (on this machine, when the target is the host).")
+    _add_model_args(p)
+    _add_target_args(p)
+    p.add_argument("--trials", type=int, default=0, metavar="N",
+                   help="MetaSchedule trials in total for the workloads not yet in the database (default 0: "
+                        "use the database only)")
+    p.add_argument("--tune-db", metavar="DIR", help="tuning database dir (default: per target under ~/.cache/slimc)")
+    p.add_argument("--tune-ops", metavar="OPS", help="only tune tasks whose name contains one of these, e.g. conv,matmul")
+    p.add_argument("--no-measure", action="store_true", help="skip the latency measurement")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="artifact directory to write")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("measure", help="measure the latency of a compiled artifact, locally or through an RPC tracker")
+    p.add_argument("artifact", metavar="DIR")
+    p.add_argument("--rpc", metavar="HOST:PORT", help="TVM RPC tracker to reserve a board from")
+    p.add_argument("--key", help="device key registered with the tracker (with --rpc)")
+    p.add_argument("--repeat", type=int, default=30, help="timed repeats (default 30)")
+    p.add_argument("--number", type=int, default=10, help="calls averaged per repeat (default 10)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed calls first (default 10)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_measure)
+
+    p = sub.add_parser("targets", help="list target presets and what LLVM says their ISA has")
+    p.set_defaults(func=cmd_targets)
 
     p = sub.add_parser("passes", help="list the registered passes and their options")
     p.set_defaults(func=cmd_passes)
@@ -119,7 +155,7 @@ def _run_pipeline(args: argparse.Namespace, check: bool, **instrument_kw):
         reference = (sample, loaded.oracle(sample))
     pm = PassManager(pm.specs, Instruments(reference=reference, **instrument_kw), PassContext(sample_inputs=sample))
     graph, records = pm.run(loaded.graph)
-    return loaded, pm, graph, records
+    return loaded, pm, graph, records, sample
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -127,7 +163,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     if args.dump_dir:
         args.dump_dir = os.path.abspath(args.dump_dir)
-    loaded, pm, graph, records = _run_pipeline(
+    loaded, pm, graph, records, _ = _run_pipeline(
         args, check=not args.no_check, dump_dir=args.dump_dir, print_after_all=args.print_after_all,
         print_changed=args.print_changed)
     if args.save:
@@ -153,11 +189,50 @@ def cmd_export(args: argparse.Namespace) -> int:
     writers = {".onnx": export.to_onnx, ".pt2": export.to_pt2, ".slimc": ir.save}
     if ext not in writers:
         raise SlimcError(f"cannot tell the export format of {out!r}: use a .onnx, .pt2 or .slimc file name")
-    loaded, pm, graph, records = _run_pipeline(args, check=True)
+    loaded, pm, graph, records, _ = _run_pipeline(args, check=True)
     writers[ext](graph, out)
     fid = records[-1].fidelity
     err = f" (max error vs {loaded.oracle_name}: {fid.max_rel:.2e} of output range)" if fid else ""
     print(f"wrote {out}: {records[-1].stats.nodes} nodes after '{pm.pipeline or '(no passes)'}'{err}")
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from slimc import compile as slimc_compile
+
+    if args.trials < 0:
+        from slimc.errors import SlimcError
+
+        raise SlimcError(f"--trials must be >= 0, got {args.trials}")
+    loaded, pm, graph, records, sample = _run_pipeline(args, check=True)
+    result = slimc_compile.compile_graph(
+        loaded, pm.pipeline, graph, records, target=args.target, mcpu=args.mcpu, mattr=args.mattr,
+        trials=args.trials, tune_db=args.tune_db,
+        tune_ops=[o.strip() for o in args.tune_ops.split(",")] if args.tune_ops else None,
+        measure=not args.no_measure, out_dir=args.output, sample=sample)
+    print(result.summary())
+    return 0
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    from slimc import compile as slimc_compile
+
+    lat = slimc_compile.measure_artifact(args.artifact, rpc=args.rpc, key=args.key, repeat=args.repeat,
+                                         number=args.number, warmup=args.warmup)
+    print(json.dumps(lat.to_json(), indent=2) if args.json else f"{args.artifact}: {lat}")
+    return 0
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from slimc.report import table
+    from slimc.targets.triple import PRESETS, resolve
+
+    rows = []
+    for name, p in PRESETS.items():
+        t = resolve(name)
+        rows.append([name, t.triple, t.mcpu, ",".join(t.mattr) or "-", " ".join(t.isa_summary()),
+                     t.int8_dot or "none", p.description])
+    print(table(["preset", "triple", "mcpu", "mattr", "ISA", "int8 dot", "notes"], rows))
     return 0
 
 

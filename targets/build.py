@@ -71,8 +71,9 @@ def export_library(executable, path: str, target) -> None:
         raise BuildError(f"exporting the library for {target.triple} failed: {str(e).strip().splitlines()[-1][:300]}") from e
 
 
-def write_artifact(out_dir: str, executable, target, meta: dict, report_md: str) -> str:
-    """Write model.so, meta.json and report.md into a temp dir next to `out_dir`, then rename it into place."""
+def write_artifact(out_dir: str, executable, target, meta: dict, report_md: str,
+                   extra: Callable[[str], None] | None = None) -> str:
+    """Write model.so, meta.json, report.md (and `extra(tmpdir)`'s files) into a temp dir, then rename it into place."""
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     try:
@@ -87,6 +88,8 @@ def write_artifact(out_dir: str, executable, target, meta: dict, report_md: str)
             json.dump(meta, f, indent=2)
         with open(os.path.join(tmp, "report.md"), "w") as f:
             f.write(report_md)
+        if extra is not None:
+            extra(tmp)
         if os.path.exists(out_dir):
             if not os.path.isfile(os.path.join(out_dir, META_NAME)) and os.listdir(out_dir):
                 raise BuildError(f"{out_dir} exists and is not a slimc artifact; choose another -o")

@@ -1,0 +1,147 @@
+"""`slimc compile` end to end: optimized graph -> tuned TVM build -> checked, measured artifact."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from slimc import __version__
+from slimc.pass_manager import StepRecord, compare
+from slimc.report import table
+from slimc.stats import human
+
+GRAPH_NAME = "model.slimc"
+CHECK_NAME = "check.npz"
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    out_dir: str
+    meta: dict
+
+    def summary(self) -> str:
+        m = self.meta
+        t = m["tuning"]
+        lines = [f"artifact: {self.out_dir}",
+                 f"target: {m['target']['describe']}",
+                 f"tuning: {t['tasks_tuned']} workloads tuned ({t['trials']} trials, {t['seconds']:.0f} s), "
+                 f"{t['tasks_reused']} of {t['tasks_total']} reused from {t['database']}"]
+        if m["check"]:
+            lines.append(f"artifact vs IR interpreter: max error {m['check']['max_rel']:.1e} of output range, "
+                         f"SQNR {m['check']['sqnr_db']:.1f} dB")
+        if m["latency"]:
+            lat = m["latency"]
+            lines.append(f"latency: {lat['median_ms']:.3f} ms median (p10 {lat['p10_ms']:.3f}, p90 {lat['p90_ms']:.3f}, "
+                         f"{lat['threads']} threads)")
+        else:
+            lines.append("latency: not measured here (target is not this machine; use `slimc measure --rpc`)")
+        return "\n".join(lines)
+
+
+def _versions() -> dict:
+    import torch
+    import tvm
+
+    return {"slimc": __version__, "tvm": tvm.__version__, "torch": torch.__version__, "python": sys.version.split()[0]}
+
+
+def _report_md(meta: dict) -> str:
+    rows = []
+    for r in meta["passes"]:
+        f = r["fidelity"]
+        rows.append([str(r["index"]), r["pass"], str(r["stats"]["nodes"]), human(r["stats"]["params"]),
+                     human(r["stats"]["macs"]), human(r["stats"]["bytes"], "B"),
+                     f"{f['max_rel']:.1e}" if f else "-"])
+    t, lat, chk = meta["tuning"], meta["latency"], meta["check"]
+    out = [f"# slimc artifact: {meta['model']}", "",
+           f"- target: `{meta['target']['describe']}` (int8 dot product: {meta['target']['int8_dot'] or 'none'})",
+           f"- pipeline: `{meta['pipeline'] or '(none)'}`",
+           f"- versions: slimc {meta['versions']['slimc']}, TVM {meta['versions']['tvm']}, torch {meta['versions']['torch']}",
+           f"- tuning: {t['tasks_tuned']} workloads tuned with {t['trials']} trials in {t['seconds']:.0f} s; "
+           f"{t['tasks_reused']}/{t['tasks_total']} reused from `{t['database']}`",
+           f"- build: {meta['build_seconds']:.1f} s",
+           f"- artifact vs IR interpreter: " + (f"max error {chk['max_rel']:.1e} of range, SQNR {chk['sqnr_db']:.1f} dB"
+                                               if chk else "not run on this machine (cross build)"),
+           f"- latency: " + (f"{lat['median_ms']:.3f} ms median, p10 {lat['p10_ms']:.3f}, p90 {lat['p90_ms']:.3f} "
+                            f"({lat['repeats']}x{lat['number']} runs, {lat['threads']} threads, {lat['where']})"
+                            if lat else "not measured"),
+           "", "## Passes (error vs the original model)", "", "```",
+           table(["step", "pass", "nodes", "params", "MACs", "bytes", "max err/range"], rows), "```", ""]
+    return "\n".join(out)
+
+
+def compile_graph(loaded, pipeline: str, graph, records: Sequence[StepRecord], *, target: str, mcpu: str | None,
+                  mattr: str | None, trials: int, tune_db: str | None, tune_ops: list[str] | None, measure: bool,
+                  out_dir: str, sample: Sequence[np.ndarray], log=None) -> CompileResult:
+    """Build the optimized graph for the target, check it against the IR, measure it, write the artifact."""
+    from slimc import interpreter, ir, runtime
+    from slimc.targets.build import build, host_arch, write_artifact
+    from slimc.targets.measure import measure_local
+    from slimc.targets.triple import resolve
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    tgt = resolve(target, mcpu, mattr)
+    result = build(graph, tgt, trials=trials, db_path=tune_db, tune_ops=tune_ops, log=log)
+    ref_out = interpreter.run(graph, list(sample))
+    meta = {
+        "versions": _versions(), "model": loaded.spec, "reference": loaded.oracle_name,
+        "target": {"triple": tgt.triple, "mcpu": tgt.mcpu, "mattr": list(tgt.mattr), "isa": tgt.isa_summary(),
+                   "int8_dot": tgt.int8_dot, "tvm": tgt.tvm_dict(), "describe": tgt.describe()},
+        "inputs": [{"name": n, "shape": list(t.shape), "dtype": t.dtype} for n, t in graph.inputs],
+        "outputs": [{"name": o, "shape": list(graph.type_of(o).shape), "dtype": graph.type_of(o).dtype}
+                    for o in graph.outputs],
+        "pipeline": pipeline, "passes": [r.to_json() for r in records], "tuning": result.tuning.to_json(),
+        "build_seconds": result.build_seconds, "check": None, "latency": None,
+    }
+
+    def extra(tmp: str) -> None:
+        ir.save(graph, os.path.join(tmp, GRAPH_NAME))
+        np.savez(os.path.join(tmp, CHECK_NAME), **{f"input{i}": x for i, x in enumerate(sample)},
+                 **{f"output{i}": y for i, y in enumerate(ref_out)})
+
+    on_host = tgt.arch == host_arch()
+    out_dir = write_artifact(out_dir, result.executable, tgt, meta, _report_md(meta), extra)
+    if on_host:
+        model = runtime.load(out_dir)
+        meta["check"] = compare(model.run(*sample), ref_out).to_json()
+        if measure and (tgt.is_host or _runs_here(tgt)):
+            meta["latency"] = measure_local(model, sample).to_json()
+        _rewrite_meta(out_dir, meta)
+    return CompileResult(out_dir, meta)
+
+
+def _runs_here(tgt) -> bool:
+    """A non-native x86 target still runs here if this CPU has every feature it uses."""
+    from slimc.targets.triple import resolve
+
+    return tgt.features <= resolve("native").features
+
+
+def _rewrite_meta(out_dir: str, meta: dict) -> None:
+    """Add the post-build check and latency to meta.json and report.md (atomic per file)."""
+    import json
+
+    for name, text in (("meta.json", json.dumps(meta, indent=2)), ("report.md", _report_md(meta))):
+        tmp = os.path.join(out_dir, f".{name}.tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(out_dir, name))
+
+
+def measure_artifact(path: str, *, rpc: str | None, key: str | None, repeat: int, number: int, warmup: int):
+    """Latency of an artifact on this machine or, with `rpc`, on a board reserved from the tracker."""
+    from slimc import runtime
+    from slimc.targets.measure import MeasureError, measure_local, measure_rpc
+
+    meta = runtime.read_meta(path)
+    sample = np.load(os.path.join(path, CHECK_NAME))
+    inputs = [sample[f"input{i}"] for i in range(len(meta["inputs"]))]
+    if rpc:
+        if not key:
+            raise MeasureError("--rpc needs --key (the device key the board registered with the tracker)")
+        return measure_rpc(path, inputs, rpc, key, number=number, repeat=repeat, warmup=warmup)
+    return measure_local(runtime.load(path), inputs, number=number, repeat=repeat, warmup=warmup)

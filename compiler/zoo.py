@@ -45,29 +45,44 @@ def mobilenet_v2():
     return model.eval()
 
 
-PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "cat", "hubble_deep_field", "immunohistochemistry", "motorcycle_left")
+PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+          "camera", "clock", "coins", "moon")
 
 
-def sample_images(n: int, size: int = 224, preprocess: str = "imagenet", seed: int = 0) -> np.ndarray:
-    """n NCHW float32 crops of scikit-image's photos (random resized crops and flips, fixed seed)."""
-    from skimage import data, transform
+def photos() -> list[np.ndarray]:
+    """Natural photos as HWC RGB float32 in [0, 1]: scikit-image's data set plus scikit-learn's two samples."""
+    from skimage import data
 
-    rng = np.random.default_rng(seed)
-    photos = []
+    out = []
     for name in PHOTOS:
         img = getattr(data, name)()
         if img.ndim == 2:
             img = np.stack([img] * 3, axis=-1)
-        photos.append(img[..., :3].astype(np.float32) / (255.0 if img.dtype == np.uint8 else 1.0))
+        out.append(img[..., :3].astype(np.float32) / 255.0)
+    try:
+        from sklearn.datasets import load_sample_images
+
+        out += [img.astype(np.float32) / 255.0 for img in load_sample_images().images]
+    except ImportError:
+        pass
+    return out
+
+
+def sample_images(n: int, size: int = 224, preprocess: str = "imagenet", seed: int = 0) -> np.ndarray:
+    """n NCHW float32 crops of real photos (the whole photos first, then random resized crops and flips)."""
+    from skimage import transform
+
+    rng = np.random.default_rng(seed)
+    pics = photos()
     out = np.empty((n, 3, size, size), np.float32)
     for i in range(n):
-        img = photos[i % len(photos)] if i < len(photos) else photos[rng.integers(len(photos))]
+        img = pics[i] if i < len(pics) else pics[rng.integers(len(pics))]
         h, w = img.shape[:2]
-        scale = 1.0 if i < len(photos) else rng.uniform(0.35, 1.0)
+        scale = 1.0 if i < len(pics) else rng.uniform(0.35, 1.0)
         ch, cw = max(8, int(h * scale)), max(8, int(w * scale))
         y0, x0 = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
         crop = transform.resize(img[y0:y0 + ch, x0:x0 + cw], (size, size), anti_aliasing=True)
-        if i >= len(photos) and rng.random() < 0.5:
+        if i >= len(pics) and rng.random() < 0.5:
             crop = crop[:, ::-1]
         out[i] = normalize(crop, preprocess).transpose(2, 0, 1)
     return out

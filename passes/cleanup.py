@@ -21,7 +21,7 @@ NEVER_FOLD = frozenset({"quantize", "dequantize"})
 
 #: every counter canonicalize reports, so the stats schema does not depend on the model
 STAT_KEYS = ("dead", "params_dropped", "noop", "folded", "cse", "relu", "relu6", "act_chain", "silu", "gelu",
-             "channel_shuffle", "reshape_chain")
+             "channel_shuffle", "reshape_chain", "pad_into_conv")
 
 
 @dataclass(frozen=True)
@@ -280,8 +280,25 @@ def _reshape_chain(g: Graph, n: Node, e: Edit, o: Options) -> str | None:
     return "reshape_chain"
 
 
+def _pad_into_conv(g: Graph, n: Node, e: Edit, o: Options) -> str | None:
+    """conv2d(pad(x)) with zero constant padding of H and W only -> conv2d(x) with that padding added."""
+    if n.op != "conv2d":
+        return None
+    pad = _producer_if_exclusive(g, n.inputs[0], n, "pad")
+    if pad is None or pad.attrs["mode"] != "constant" or pad.attrs["value"] != 0.0:
+        return None
+    p = pad.attrs["pads"]  # [b0, b1, b2, b3, e0, e1, e2, e3] for NCHW
+    if len(p) != 8 or any(p[i] for i in (0, 1, 4, 5)) or min(p) < 0:
+        return None
+    top, left, bottom, right = n.attrs["padding"]
+    attrs = dict(n.attrs, padding=(top + p[2], left + p[3], bottom + p[6], right + p[7]))
+    node = e.make_node(n.name, "conv2d", (pad.inputs[0], *n.inputs[1:]), attrs, merge_source(pad, n))
+    e.replace_node(n.name, node)
+    return "pad_into_conv"
+
+
 RULES: tuple[Rule, ...] = (_remove_noop, _fold_constant, _canonical_clip, _collapse_act_chain, _silu, _gelu,
-                           _channel_shuffle, _reshape_chain)
+                           _channel_shuffle, _reshape_chain, _pad_into_conv)
 
 
 # ---- driver ---------------------------------------------------------------------------------------

@@ -395,3 +395,34 @@ def test_max_iterations_bounds_the_sweeps():
 def test_pipeline_text_with_options():
     pm = PassManager("canonicalize{cse=false, fold_limit=1000},fold-bn,fuse-act{acts=relu|relu6}")
     assert pm.pipeline == "canonicalize{fold_limit=1000,cse=false},fold-bn,fuse-act{acts=relu|relu6}"
+
+
+# ---- pad folded into conv ------------------------------------------------------------------------
+
+CONV_PARAMS = "param %w: f32[4,8,3,3]"
+
+
+def test_zero_spatial_pad_folds_into_conv():
+    g = build(wrap("""
+        %p: f32[N,8,7,6] = pad(%x) {pads=[0,0,1,0,0,0,2,2]}
+        %y: f32[N,4,7,6] = conv2d(%p, %w) {padding=[1,1,1,1]}
+    """, params=CONV_PARAMS))
+    res = check_pass("canonicalize", g)
+    assert ops_of(res.graph) == ["conv2d"]
+    assert res.graph.node("y").attrs["padding"] == (2, 1, 3, 3)
+    assert res.stats["pad_into_conv"] == 1
+
+
+@pytest.mark.parametrize("pad", [
+    "pad(%x) {pads=[0,0,1,1,0,0,1,1], value=1.0}",             # non-zero fill
+    "pad(%x) {pads=[0,0,1,1,0,0,1,1], mode=\"reflect\"}",       # not constant
+    "pad(%x) {pads=[0,1,1,1,0,1,1,1]}",                         # pads channels
+])
+def test_other_pads_stay(pad):
+    c = 10 if "[0,1," in pad else 8
+    g = build(wrap(f"""
+        %p: f32[N,{c},6,6] = {pad}
+        %y: f32[N,4,4,4] = conv2d(%p, %w)
+    """, params=f"param %w: f32[4,{c},3,3]"))
+    res = check_pass("canonicalize", g)
+    assert ops_of(res.graph) == ["pad", "conv2d"] and not res.changed

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all venv clean
+.PHONY: demo test test-all venv clean cross-tools
 
 venv: $(STAMP)
 
@@ -20,8 +20,22 @@ demo: $(STAMP)
 	$(VENV)/bin/slimc inspect slimc.zoo:efficientnet_lite0 --input-shape 8,3,224,224 \
 		--passes canonicalize,fold-bn,fuse-act --dump-dir demo-out
 
+## AArch64 cross toolchain, qemu-user and debootstrap (Debian packages) for `--target aarch64-linux-gnu`
+## and `slimc verify --qemu`; runs `apt-get update` only when the package lists are missing or stale.
+CROSS_PKGS := g++-aarch64-linux-gnu binutils-aarch64-linux-gnu qemu-user-static debootstrap
+CROSS_BINS := aarch64-linux-gnu-g++ qemu-aarch64-static debootstrap
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+cross-tools:
+	@if (for b in $(CROSS_BINS); do command -v $$b >/dev/null || test -x /usr/sbin/$$b || exit 1; done); then \
+		echo "cross-tools: $(CROSS_BINS) already installed"; \
+	else \
+		export DEBIAN_FRONTEND=noninteractive; \
+		$(SUDO) apt-get install -y -q --no-install-recommends $(CROSS_PKGS) \
+		|| { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $(CROSS_PKGS); }; \
+	fi
+
 ## The test suite CI runs (slow checks are marked and left to bench/ and `make test-all`).
-test: $(STAMP)
+test: $(STAMP) cross-tools
 	$(PY) -m pytest -q -m "not slow" -n 2 tests
 
 test-all: $(STAMP)

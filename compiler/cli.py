@@ -84,6 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_measure)
 
+    p = sub.add_parser("verify", help="rerun a compiled artifact (here or under qemu-aarch64) and compare with the IR",
+                       description="Recompute the reference with the IR interpreter from DIR/model.slimc on the inputs "
+                                   "in DIR/check.npz, run DIR/model.so on them (on this machine, or with --qemu under "
+                                   "qemu-aarch64 in a cached arm64 rootfs) and compare. Exits 1 on a mismatch. qemu "
+                                   "timings are emulation speed, never latency.")
+    p.add_argument("artifact", metavar="DIR")
+    p.add_argument("--qemu", action="store_true",
+                   help="run an AArch64 artifact under qemu-aarch64 (the first run builds the rootfs: root, network to "
+                        "the Debian mirror and PyPI; needs `make cross-tools`)")
+    p.add_argument("--tol", type=float, default=None, metavar="REL",
+                   help="max abs error allowed, relative to the output range (default 1e-4, for fp32)")
+    p.set_defaults(func=cmd_verify)
+
     p = sub.add_parser("targets", help="list target presets and what LLVM says their ISA has")
     p.set_defaults(func=cmd_targets)
 
@@ -220,6 +233,17 @@ def cmd_measure(args: argparse.Namespace) -> int:
     lat = slimc_compile.measure_artifact(args.artifact, rpc=args.rpc, key=args.key, repeat=args.repeat,
                                          number=args.number, warmup=args.warmup)
     print(json.dumps(lat.to_json(), indent=2) if args.json else f"{args.artifact}: {lat}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from slimc import verify
+
+    result = verify.verify(args.artifact, qemu=args.qemu,
+                           tolerance=verify.FP32_TOLERANCE if args.tol is None else args.tol)
+    print("\n".join(result.lines()), flush=True)
+    if not result.ok:
+        raise verify.MismatchError(verify.mismatch_message(result))
     return 0
 
 

@@ -26,18 +26,19 @@ class Latency:
     repeats: int
     number: int
     warmup: int
-    threads: int
+    threads: int | None  # None: the remote runtime's default, not known here
     where: str
 
     def to_json(self) -> dict:
         return asdict(self)
 
     def __str__(self) -> str:
+        threads = f"{self.threads} threads" if self.threads else "remote default threads"
         return (f"{self.median_ms:.3f} ms median (p10 {self.p10_ms:.3f}, p90 {self.p90_ms:.3f}; "
-                f"{self.repeats}x{self.number} runs, {self.threads} threads, {self.where})")
+                f"{self.repeats}x{self.number} runs, {threads}, {self.where})")
 
 
-def summarize(seconds: Sequence[float], number: int, warmup: int, threads: int, where: str) -> Latency:
+def summarize(seconds: Sequence[float], number: int, warmup: int, threads: int | None, where: str) -> Latency:
     ms = np.asarray(seconds, np.float64) * 1e3
     return Latency(float(np.median(ms)), float(np.percentile(ms, 10)), float(np.percentile(ms, 90)), float(ms.mean()),
                    len(ms), number, warmup, threads, where)
@@ -75,6 +76,14 @@ def measure_rpc(artifact_dir: str, inputs: Sequence[np.ndarray], tracker: str, k
         raise MeasureError(f"--rpc {tracker!r} must be HOST:PORT of a TVM RPC tracker")
     try:
         trk = rpc.connect_tracker(host, int(port))
+        keys = sorted(trk.summary().get("queue_info", {}))
+    except Exception as e:
+        raise MeasureError(f"cannot reach the RPC tracker at {tracker}: {str(e).strip().splitlines()[-1][:200]}; "
+                           "check HOST:PORT and that `python -m tvm.exec.rpc_tracker` runs there") from None
+    if key not in keys:  # the tracker would queue the request forever
+        raise MeasureError(f"no device with key {key!r} is registered at the RPC tracker {tracker}; registered "
+                           f"keys: {', '.join(keys) or '(none)'}")
+    try:
         remote = trk.request(key, priority=0, session_timeout=timeout)
     except Exception as e:
         raise MeasureError(f"cannot get a device with key {key!r} from the RPC tracker at {tracker}: "
@@ -86,4 +95,4 @@ def measure_rpc(artifact_dir: str, inputs: Sequence[np.ndarray], tracker: str, k
     vm = relax.VirtualMachine(lib, dev)
     tensors = [tvm.runtime.tensor(np.ascontiguousarray(x), dev) for x in inputs]
     secs = _time_vm(vm, dev, tensors, number, repeat, warmup)
-    return summarize(secs, number, warmup, -1, f"rpc {tracker} key={key}")
+    return summarize(secs, number, warmup, None, f"rpc {tracker} key={key}")

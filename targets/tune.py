@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from slimc.errors import SlimcError
 
 DB_FORMAT = 1
+ATTEMPTED = "slimc-attempted.json"
 
 
 class TuningError(SlimcError):
@@ -118,6 +119,28 @@ def _has_record(db, task, tvm_target) -> bool:
     return db.query_tuning_record(task.dispatched[0], tvm_target, task.task_name) is not None
 
 
+def _task_key(task) -> str:
+    import tvm_ffi
+
+    return f"{task.task_name}:{tvm_ffi.structural_hash(task.dispatched[0])}"
+
+
+def _attempted(path: str) -> set[str]:
+    """Workloads tuned before (even those where no candidate built): never re-tuned automatically."""
+    try:
+        with open(os.path.join(path, ATTEMPTED)) as f:
+            return set(json.load(f))
+    except (OSError, ValueError):
+        return set()
+
+
+def _record_attempted(path: str, keys: set[str]) -> None:
+    tmp = os.path.join(path, ATTEMPTED + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(sorted(keys), f, indent=0)
+    os.replace(tmp, os.path.join(path, ATTEMPTED))
+
+
 class _Progress:
     """Per-task progress with ETA on stderr (MetaSchedule reports each batch of measured candidates)."""
 
@@ -180,10 +203,12 @@ def tune(mod, target, db_path: str | None = None, trials: int = 0, tune_ops: lis
     db = open_database(path, target, summary, log)
     tasks = extract_tasks(mod, tvm_target)
     summary.tasks_total = len(tasks)
-    missing = [t for t in tasks if not _has_record(db, t, tvm_target)]
+    attempted = _attempted(path)
+    known = [t for t in tasks if _has_record(db, t, tvm_target) or _task_key(t) in attempted]
+    summary.tasks_reused = len(known)
+    missing = [t for t in tasks if not any(t is k for k in known)]
     if tune_ops:
         missing = [t for t in missing if any(op in t.task_name for op in tune_ops)]
-    summary.tasks_reused = len(tasks) - len([t for t in tasks if not _has_record(db, t, tvm_target)])
     if trials <= 0 or not missing:
         return db, summary
     per_task = max(1, math.ceil(trials / len(missing)))
@@ -208,6 +233,8 @@ def tune(mod, target, db_path: str | None = None, trials: int = 0, tune_ops: lis
     except KeyboardInterrupt:
         summary.interrupted = True
         log("interrupted: the records tuned so far are kept in the database")
+    else:
+        _record_attempted(path, attempted | {_task_key(t) for t in missing})
     finally:
         if progress is not None:
             progress.close()

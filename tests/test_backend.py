@@ -1,0 +1,169 @@
+"""TVM backend: targets, lowering vs the interpreter, tuning with a reusable database, artifacts, measurement."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from slimc import interpreter, runtime
+from slimc.errors import SlimcError
+from slimc.frontend.torch import from_torch
+from slimc.pass_manager import PassManager, compare
+from slimc.targets import tune
+from slimc.targets.lower import LayoutPlan, lower
+from slimc.targets.triple import TargetError, resolve
+
+pytestmark = pytest.mark.backend
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def slimc(*args: str, cwd: str = TESTS) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "slimc.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=900)
+
+
+# ---- targets --------------------------------------------------------------------------------------
+
+def test_presets_resolve_to_isa_facts():
+    assert resolve("x86-cascadelake").int8_dot == "vnni"
+    assert resolve("x86-avx512").int8_dot == "avx512"
+    assert resolve("x86-avx2").int8_dot is None and resolve("x86-avx2").channel_block == 8
+    a76 = resolve("arm-cortex-a76")
+    assert a76.arch == "aarch64" and a76.int8_dot == "dotprod"
+    assert resolve("aarch64-linux-gnu", mattr="+neon,+dotprod").tvm_dict()["mattr"] == ["+neon", "+dotprod"]
+    assert resolve("native").is_host
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("riscv64-linux-gnu",), "riscv64"),
+    (("x86_64-linux-gnu", "potato"), "potato"),
+    (("aarch64-linux-gnu", None, "+dotprd"), "+dotprd"),
+    (("aarch64-linux-gnu", None, "dotprod"), "+feature"),
+])
+def test_bad_targets_are_named(args, needle):
+    with pytest.raises(TargetError, match=needle.replace("+", r"\+")):
+        resolve(*args)
+
+
+# ---- lowering ---------------------------------------------------------------------------------------
+
+def _compile_and_run(graph, target, plan):
+    import tvm
+    from tvm import relax
+
+    mod = tune.prepare(lower(graph, target, plan), target.tvm())
+    vm = relax.VirtualMachine(tvm.compile(mod, target.tvm()), tvm.cpu())
+    x = interpreter.example_inputs(graph)
+    out = vm["main"](*[tvm.runtime.tensor(a) for a in x])
+    return compare([out.numpy()], interpreter.run(graph, x))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "shufflenet_v2_x1_0", "squeezenet1_1"])
+def test_lowering_matches_interpreter(name):
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    graph, _ = PassManager("canonicalize,fold-bn,fuse-act").run(from_torch(model, (torch.randn(1, 3, 64, 64),)))
+    target = resolve("native")
+    for plan in (LayoutPlan(0), LayoutPlan(target.channel_block)):
+        assert _compile_and_run(graph, target, plan).max_rel <= 1e-4, plan
+
+
+# ---- compile, tune, reuse, measure -------------------------------------------------------------------
+
+def test_compile_tunes_once_then_reuses_the_database(tmp_path):
+    db, out = str(tmp_path / "db"), str(tmp_path / "art")
+    p = slimc("compile", "tiny_models:convnet", "--trials", "2", "--tune-ops", "conv", "--tune-db", db, "-o", out)
+    assert p.returncode == 0, p.stderr
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    assert meta["tuning"]["tasks_tuned"] >= 2 and meta["tuning"]["trials"] >= 2
+    assert meta["check"]["max_rel"] <= 1e-4
+    assert meta["latency"]["median_ms"] > 0 and meta["latency"]["threads"] >= 1
+    assert {"model.so", "meta.json", "report.md", "model.slimc", "check.npz"} <= set(os.listdir(out))
+    t0 = time.perf_counter()
+    p = slimc("compile", "tiny_models:convnet", "--trials", "2", "--tune-ops", "conv", "--tune-db", db, "-o", out)
+    assert p.returncode == 0, p.stderr
+    assert time.perf_counter() - t0 < 15
+    meta2 = json.load(open(os.path.join(out, "meta.json")))
+    t1, t2 = meta["tuning"], meta2["tuning"]
+    assert t2["tasks_tuned"] == 0 and t2["tasks_reused"] == t1["tasks_reused"] + t1["tasks_tuned"]
+    model = runtime.load(out)
+    check = np.load(os.path.join(out, "check.npz"))
+    np.testing.assert_allclose(model.run(check["input0"])[0], check["output0"], rtol=1e-4, atol=1e-5)
+
+
+def test_corrupt_database_is_set_aside(tmp_path):
+    target = resolve("native")
+    db = tmp_path / "db"
+    db.mkdir()
+    (db / "database_workload.json").write_text("{not json\n")
+    (db / "database_tuning_record.json").write_text("[1, 2\n")
+    summary = tune.TuneSummary(database=str(db))
+    messages = []
+    tune.open_database(str(db), target, summary, log=messages.append)
+    assert summary.set_aside and os.path.isdir(summary.set_aside)
+    assert "set aside" in messages[0]
+    assert json.load(open(db / "slimc-db.json"))["target"] == target.tvm_dict()
+
+
+def test_database_of_another_target_is_set_aside(tmp_path):
+    db = str(tmp_path / "db")
+    tune.open_database(db, resolve("x86-avx2"), tune.TuneSummary(database=db), log=lambda m: None)
+    summary = tune.TuneSummary(database=db)
+    tune.open_database(db, resolve("x86-cascadelake"), summary, log=lambda m: None)
+    assert summary.set_aside is not None
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("a") / "art")
+    p = slimc("compile", "tiny_models:convnet", "--no-measure", "--tune-db", str(tmp_path_factory.mktemp("db")),
+              "-o", out)
+    assert p.returncode == 0, p.stderr
+    return out
+
+
+def test_measure_local(artifact):
+    p = slimc("measure", artifact, "--json", "--repeat", "5", "--number", "3")
+    assert p.returncode == 0, p.stderr
+    lat = json.loads(p.stdout)
+    assert lat["where"] == "local" and lat["repeats"] == 5 and lat["p10_ms"] <= lat["median_ms"] <= lat["p90_ms"]
+
+
+def test_measure_through_rpc_tracker_on_loopback(artifact):
+    from tvm.rpc.server import Server
+    from tvm.rpc.tracker import Tracker
+
+    tracker = Tracker(host="127.0.0.1", port=9190, port_end=9290, silent=True)
+    server = Server(host="127.0.0.1", port=9300, port_end=9400, tracker_addr=("127.0.0.1", tracker.port),
+                    key="slimc-test", silent=True)
+    try:
+        time.sleep(1.0)
+        p = slimc("measure", artifact, "--rpc", f"127.0.0.1:{tracker.port}", "--key", "slimc-test", "--json",
+                  "--repeat", "5", "--number", "3")
+        assert p.returncode == 0, p.stderr
+        lat = json.loads(p.stdout)
+        assert lat["where"].startswith("rpc 127.0.0.1") and lat["median_ms"] > 0
+        p = slimc("measure", artifact, "--rpc", f"127.0.0.1:{tracker.port}", "--key", "no-such-board")
+        assert p.returncode != 0 and "no-such-board" in p.stderr and "Traceback" not in p.stderr
+    finally:
+        server.terminate()
+        tracker.terminate()
+
+
+def test_compile_errors_are_clean(tmp_path):
+    p = slimc("compile", "tiny_models:convnet", "--target", "riscv64-linux-gnu", "-o", str(tmp_path / "x"))
+    assert p.returncode != 0 and "riscv64" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "x").exists()
+    keep = tmp_path / "precious"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    p = slimc("compile", "tiny_models:convnet", "--tune-db", str(tmp_path / "db"), "-o", str(keep))
+    assert p.returncode != 0 and "not a slimc artifact" in p.stderr
+    assert os.listdir(keep) == ["notes.txt"]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".precious")]

@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-db", metavar="DIR", help="tuning database dir (default: per target under ~/.cache/slimc)")
     p.add_argument("--tune-ops", metavar="OPS", help="only tune tasks whose name contains one of these, e.g. conv,matmul")
     p.add_argument("--no-measure", action="store_true", help="skip the latency measurement")
+    p.add_argument("--compare", action="store_true",
+                   help="also time the original model (PyTorch eager / ONNX Runtime) on the same inputs")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="artifact directory to write")
     p.set_defaults(func=cmd_compile)
 
@@ -222,7 +224,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         loaded, pm.pipeline, graph, records, target=args.target, mcpu=args.mcpu, mattr=args.mattr,
         trials=args.trials, tune_db=args.tune_db,
         tune_ops=[o.strip() for o in args.tune_ops.split(",")] if args.tune_ops else None,
-        measure=not args.no_measure, out_dir=args.output, sample=sample)
+        measure=not args.no_measure, out_dir=args.output, sample=sample, compare_baselines=args.compare)
     print(result.summary())
     return 0
 

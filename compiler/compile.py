@@ -37,9 +37,21 @@ class CompileResult:
             lat = m["latency"]
             lines.append(f"latency: {lat['median_ms']:.3f} ms median (p10 {lat['p10_ms']:.3f}, p90 {lat['p90_ms']:.3f}, "
                          f"{lat['threads']} threads)")
+            lines += [f"  {line}" for line in _baseline_lines(m)]
         else:
             lines.append("latency: not measured here (target is not this machine; use `slimc measure --rpc`)")
         return "\n".join(lines)
+
+
+def _baseline_lines(meta: dict) -> list[str]:
+    """'PyTorch eager: 20.1 ms median (slimc 1.35x faster)' for each measured baseline."""
+    lat = meta["latency"]["median_ms"]
+    out = []
+    for b in meta.get("baselines") or []:
+        r = b["median_ms"] / lat
+        verdict = f"slimc {r:.2f}x faster" if r >= 1 else f"slimc {1 / r:.2f}x slower"
+        out.append(f"{b['name']}: {b['median_ms']:.3f} ms median ({verdict})")
+    return out
 
 
 def _versions() -> dict:
@@ -69,6 +81,7 @@ def _report_md(meta: dict) -> str:
            f"- latency: " + (f"{lat['median_ms']:.3f} ms median, p10 {lat['p10_ms']:.3f}, p90 {lat['p90_ms']:.3f} "
                             f"({lat['repeats']}x{lat['number']} runs, {lat['threads']} threads, {lat['where']})"
                             if lat else "not measured"),
+           *[f"- baseline {line}" for line in (_baseline_lines(meta) if lat else [])],
            "", "## Passes (error vs the original model)", "", "```",
            table(["step", "pass", "nodes", "params", "MACs", "bytes", "max err/range"], rows), "```", ""]
     return "\n".join(out)
@@ -76,7 +89,8 @@ def _report_md(meta: dict) -> str:
 
 def compile_graph(loaded, pipeline: str, graph, records: Sequence[StepRecord], *, target: str, mcpu: str | None,
                   mattr: str | None, trials: int, tune_db: str | None, tune_ops: list[str] | None, measure: bool,
-                  out_dir: str, sample: Sequence[np.ndarray], log=None) -> CompileResult:
+                  out_dir: str, sample: Sequence[np.ndarray], compare_baselines: bool = False,
+                  log=None) -> CompileResult:
     """Build the optimized graph for the target, check it against the IR, measure it, write the artifact."""
     from slimc import interpreter, ir, runtime
     from slimc.targets.build import build, host_arch, write_artifact
@@ -110,8 +124,44 @@ def compile_graph(loaded, pipeline: str, graph, records: Sequence[StepRecord], *
         meta["check"] = compare(model.run(*sample), ref_out).to_json()
         if measure and (tgt.is_host or _runs_here(tgt)):
             meta["latency"] = measure_local(model, sample).to_json()
+            if compare_baselines:
+                meta["baselines"] = baselines(loaded, sample)
         _rewrite_meta(out_dir, meta)
     return CompileResult(out_dir, meta)
+
+
+def baselines(loaded, sample: Sequence[np.ndarray], repeat: int = 30, number: int = 5, warmup: int = 10) -> list[dict]:
+    """Latency of the original model in its own framework and in ONNX Runtime fp32, same inputs, same machine."""
+    import tempfile
+    import time
+
+    import onnxruntime as ort
+
+    from slimc import export
+
+    def timed(name: str, fn) -> dict:
+        for _ in range(warmup):
+            fn()
+        samples = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            for _ in range(number):
+                fn()
+            samples.append((time.perf_counter() - t0) / number * 1e3)
+        return {"name": name, "median_ms": float(np.median(samples)), "p10_ms": float(np.percentile(samples, 10)),
+                "p90_ms": float(np.percentile(samples, 90))}
+
+    out = [timed(loaded.oracle_name, lambda: loaded.oracle(sample))]
+    if loaded.oracle_name != "ONNX Runtime":
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "model.onnx")
+            export.to_onnx(loaded.graph, path)
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = len(os.sched_getaffinity(0))
+            sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+            feed = {i.name: x for i, x in zip(sess.get_inputs(), sample)}
+            out.append(timed("ONNX Runtime fp32", lambda: sess.run(None, feed)))
+    return out
 
 
 def _runs_here(tgt) -> bool:

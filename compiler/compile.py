@@ -99,6 +99,12 @@ def compile_graph(loaded, pipeline: str, graph, records: Sequence[StepRecord], *
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     tgt = resolve(target, mcpu, mattr)
+    if trials > 0 and not (tgt.arch == host_arch() and _runs_here(tgt)):
+        from slimc.targets.tune import TuningError
+
+        raise TuningError(f"tuning for {tgt.describe()} needs that CPU to time candidates, and this machine is not "
+                          "one; compile with --trials 0 (untuned schedules) here, or tune on a matching machine and "
+                          "pass its database with --tune-db")
     result = build(graph, tgt, trials=trials, db_path=tune_db, tune_ops=tune_ops, log=log)
     ref_out = interpreter.run(graph, list(sample))
     meta = {

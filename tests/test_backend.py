@@ -167,3 +167,9 @@ def test_compile_errors_are_clean(tmp_path):
     assert p.returncode != 0 and "not a slimc artifact" in p.stderr
     assert os.listdir(keep) == ["notes.txt"]
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".precious")]
+
+
+def test_tuning_a_foreign_cpu_is_refused(tmp_path):
+    p = slimc("compile", "tiny_models:convnet", "--target", "aarch64-linux-gnu", "--trials", "4", "-o", str(tmp_path / "x"))
+    assert p.returncode != 0 and "--trials 0" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "x").exists()

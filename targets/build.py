@@ -15,6 +15,7 @@ from slimc.errors import SlimcError
 from slimc.ir import Graph
 from slimc.runtime import LIB_NAME, META_NAME
 from slimc.targets.lower import LayoutPlan, lower
+from slimc.targets.schedules import apply_templates
 from slimc.targets.tune import TuneSummary, apply_database, prepare, tune
 
 CROSS_COMPILERS = {"aarch64": "aarch64-linux-gnu-g++"}
@@ -34,12 +35,15 @@ class BuildResult:
 
 
 def build(graph: Graph, target, *, trials: int = 0, db_path: str | None = None, tune_ops: list[str] | None = None,
-          plan: LayoutPlan | None = None, log: Callable[[str], None] = print, progress: bool = True) -> BuildResult:
-    """Lower the graph, tune what the database lacks, apply the best schedules and build."""
+          plan: LayoutPlan | None = None, log: Callable[[str], None] = print, progress: bool = True,
+          templates: bool = True) -> BuildResult:
+    """Lower the graph, schedule convs with templates, tune what the database lacks, apply it and build."""
     import tvm
 
     t0 = time.perf_counter()
     mod = prepare(lower(graph, target, plan), target.tvm())
+    if templates:
+        mod, scheduled = apply_templates(mod, target)
     db, summary = tune(mod, target, db_path, trials, tune_ops, log=log, show_progress=progress)
     mod = apply_database(mod, target, db)
     try:

@@ -119,6 +119,12 @@ def _has_record(db, task, tvm_target) -> bool:
     return db.query_tuning_record(task.dispatched[0], tvm_target, task.task_name) is not None
 
 
+def _is_scheduled(task) -> bool:
+    """Tasks already scheduled by a template (targets/schedules.py) need no tuning."""
+    return any(f.attrs is not None and bool(f.attrs.get("tirx.is_scheduled", False))
+               for f in task.dispatched[0].functions.values())
+
+
 def _task_key(task) -> str:
     import tvm_ffi
 
@@ -201,7 +207,7 @@ def tune(mod, target, db_path: str | None = None, trials: int = 0, tune_ops: lis
     path = os.path.abspath(db_path or db_dir_for(target))
     summary = TuneSummary(database=path)
     db = open_database(path, target, summary, log)
-    tasks = extract_tasks(mod, tvm_target)
+    tasks = [t for t in extract_tasks(mod, tvm_target) if not _is_scheduled(t)]
     summary.tasks_total = len(tasks)
     attempted = _attempted(path)
     known = [t for t in tasks if _has_record(db, t, tvm_target) or _task_key(t) in attempted]

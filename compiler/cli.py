@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample inputs for the numeric check (default: seeded random data of the input shape)")
     p.add_argument("--no-check", action="store_true", help="skip the numeric check against the original model")
     p.add_argument("--save", metavar="OUT.slimc", help="save the final graph with its weights")
+    p.add_argument("--show-groups", action="store_true",
+                   help="print the final graph's channel-pruning groups: members and what blocks them")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("export", help="run a pipeline and write the result as .onnx, .pt2 or .slimc",
@@ -188,6 +190,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                           "steps": [r.to_json() for r in records]}, indent=2))
         return 0
     print(report.pipeline_table(loaded.spec, loaded.oracle_name, pm.pipeline, records))
+    if args.show_groups:
+        from slimc.passes.prune.dependency import analyze, format_groups
+
+        print(format_groups(graph, analyze(graph)))
     if args.dump_dir:
         print(f"per-pass dumps: {args.dump_dir}")
     if args.save:

@@ -94,7 +94,7 @@ def load_builtin_passes() -> None:
     """Import the pass modules so that their @register_pass calls run."""
     import importlib
 
-    for mod in ("cleanup", "fold_bn", "fuse"):
+    for mod in ("cleanup", "fold_bn", "fuse", "prune.apply"):
         importlib.import_module(f"slimc.passes.{mod}")
 
 

@@ -13,24 +13,15 @@ import os
 import sys
 import time
 
-import numpy as np
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def time_callable(fn, warmup: int, repeat: int, number: int) -> dict:
-    """Median/p10/p90 of `repeat` timings, each the mean of `number` calls, after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        samples.append((time.perf_counter() - t0) / number * 1e3)
-    s = np.asarray(samples)
-    return {"median_ms": float(np.median(s)), "p10_ms": float(np.percentile(s, 10)),
-            "p90_ms": float(np.percentile(s, 90))}
+def timed(fn, args) -> dict:
+    """Median/p10/p90 (ms) of `repeat` timings, each the mean of `number` calls, after `warmup` calls."""
+    from slimc.targets.measure import time_callable
+
+    lat = time_callable(fn, number=args.number, repeat=args.repeat, warmup=args.warmup)
+    return {"median_ms": lat.median_ms, "p10_ms": lat.p10_ms, "p90_ms": lat.p90_ms}
 
 
 def bench_model(name: str, args) -> dict:
@@ -53,7 +44,7 @@ def bench_model(name: str, args) -> dict:
     row: dict = {"model": name, "threads": torch.get_num_threads()}
 
     with torch.no_grad():
-        row["pytorch"] = time_callable(lambda: model(x), args.warmup, args.repeat, args.number)
+        row["pytorch"] = timed(lambda: model(x), args)
 
     graph = from_torch(model, (x,), name=name)
     onnx_path = os.path.join(args.work, f"{name}.onnx")
@@ -62,7 +53,7 @@ def bench_model(name: str, args) -> dict:
     so.intra_op_num_threads = torch.get_num_threads()
     sess = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
     feed = {sess.get_inputs()[0].name: xn}
-    row["ort_fp32"] = time_callable(lambda: sess.run(None, feed), args.warmup, args.repeat, args.number)
+    row["ort_fp32"] = timed(lambda: sess.run(None, feed), args)
     row["ort_fp32"]["max_rel_vs_pytorch"] = compare(sess.run(None, feed), [ref]).max_rel
 
     pm = PassManager("canonicalize,fold-bn,fuse-act")

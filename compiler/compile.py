@@ -139,23 +139,14 @@ def compile_graph(loaded, pipeline: str, graph, records: Sequence[StepRecord], *
 def baselines(loaded, sample: Sequence[np.ndarray], repeat: int = 30, number: int = 5, warmup: int = 10) -> list[dict]:
     """Latency of the original model in its own framework and in ONNX Runtime fp32, same inputs, same machine."""
     import tempfile
-    import time
 
     import onnxruntime as ort
 
     from slimc import export
+    from slimc.targets.measure import time_callable
 
     def timed(name: str, fn) -> dict:
-        for _ in range(warmup):
-            fn()
-        samples = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            for _ in range(number):
-                fn()
-            samples.append((time.perf_counter() - t0) / number * 1e3)
-        return {"name": name, "median_ms": float(np.median(samples)), "p10_ms": float(np.percentile(samples, 10)),
-                "p90_ms": float(np.percentile(samples, 90))}
+        return {"name": name, **time_callable(fn, number=number, repeat=repeat, warmup=warmup).to_json()}
 
     out = [timed(loaded.oracle_name, lambda: loaded.oracle(sample))]
     if loaded.oracle_name != "ONNX Runtime":

@@ -17,7 +17,7 @@ from onnx import helper, numpy_helper
 
 from slimc import ops
 from slimc.errors import IRError, SlimcError
-from slimc.ir import Graph, Node, TensorType
+from slimc.ir import Graph, Node, TensorType, unique_name
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -62,10 +62,7 @@ class _Builder:
     current: Node | None = None
 
     def fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.taken:
-            name = f"{base}_{i}"
-            i += 1
+        name = unique_name(base, self.taken)
         self.taken.add(name)
         return name
 

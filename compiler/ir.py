@@ -7,7 +7,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Union
@@ -43,6 +43,15 @@ def sanitize_name(raw: str) -> str:
     """Map a frontend name to the IR's identifier alphabet ([A-Za-z0-9_.])."""
     out = re.sub(r"[^A-Za-z0-9_.]", "_", raw)
     return out or "v"
+
+
+def unique_name(base: str, taken: Callable[[str], bool] | Container[str]) -> str:
+    """`base`, else `base_1`, `base_2`, ...: the first name not taken (a set, or a predicate)."""
+    is_taken = taken if callable(taken) else taken.__contains__
+    name, i = base, 1
+    while is_taken(name):
+        name, i = f"{base}_{i}", i + 1
+    return name
 
 
 @dataclass(frozen=True)
@@ -227,14 +236,7 @@ class Graph:
 
     def fresh_name(self, base: str, taken: Iterable[str] = ()) -> str:
         """A value/node name not yet used in this graph (nor in `taken`)."""
-        used = set(self.value_types) | set(self._by_name) | set(taken)
-        base = sanitize_name(base)
-        if base not in used:
-            return base
-        i = 1
-        while f"{base}_{i}" in used:
-            i += 1
-        return f"{base}_{i}"
+        return unique_name(sanitize_name(base), set(self.value_types) | set(self._by_name) | set(taken))
 
     def to_networkx(self) -> nx.MultiDiGraph:
         """Dataflow view for analyses: one vertex per node/input/param, one edge per use (key = input slot)."""

@@ -8,7 +8,7 @@ import numpy as np
 
 from slimc import ops
 from slimc.errors import IRError
-from slimc.ir import AttrValue, Graph, Node, TensorType, sanitize_name
+from slimc.ir import AttrValue, Graph, Node, TensorType, sanitize_name, unique_name
 
 
 def merge_source(*nodes: Node) -> tuple[str, ...]:
@@ -108,10 +108,7 @@ class Edit:
             return ((name in self._existing and name not in self._freed) or name in self._taken
                     or name in self._redirect or name in self._placed)
 
-        base = sanitize_name(base)
-        name, i = base, 1
-        while taken(name):
-            name, i = f"{base}_{i}", i + 1
+        name = unique_name(sanitize_name(base), taken)
         self._taken.add(name)
         return name
 

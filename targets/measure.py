@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -42,6 +43,20 @@ def summarize(seconds: Sequence[float], number: int, warmup: int, threads: int |
     ms = np.asarray(seconds, np.float64) * 1e3
     return Latency(float(np.median(ms)), float(np.percentile(ms, 10)), float(np.percentile(ms, 90)), float(ms.mean()),
                    len(ms), number, warmup, threads, where)
+
+
+def time_callable(fn: Callable[[], object], *, number: int = 5, repeat: int = 30, warmup: int = 10,
+                  threads: int | None = None, where: str = "local") -> Latency:
+    """Latency of a Python callable (baselines such as PyTorch eager or ONNX Runtime), timed like the VM."""
+    for _ in range(warmup):
+        fn()
+    secs = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        secs.append((time.perf_counter() - t0) / number)
+    return summarize(secs, number, warmup, threads if threads is not None else host_threads(), where)
 
 
 def host_threads() -> int:

@@ -221,9 +221,9 @@ def tune(mod, target, db_path: str | None = None, trials: int = 0, tune_ops: lis
     log(f"tuning {len(missing)} of {len(tasks)} workloads ({summary.tasks_reused} reused from {path}), "
         f"{per_task} trials each")
     work_dir = os.path.join(path, "logs")
-    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
-    if ms_logger.level == logging.NOTSET:
-        ms_logger.setLevel(logging.WARNING)  # MetaSchedule's per-task tables go to its log files, not the console
+    # MetaSchedule sizes its console handler from this level (and resets it to DEBUG when it configures its
+    # loggers), so set it before every call: per-task tables go to its log files, not the console.
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ctxs, weights = extracted_tasks_to_tune_contexts(missing, work_dir)

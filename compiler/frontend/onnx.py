@@ -20,7 +20,7 @@ from onnx import numpy_helper
 
 from slimc import ops
 from slimc.errors import FrontendError, IRError
-from slimc.ir import DTYPES, Graph, Node, TensorType, sanitize_name
+from slimc.ir import DTYPES, Graph, Node, TensorType, sanitize_name, unique_name
 
 MIN_OPSET, MAX_OPSET = 7, 21
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -371,11 +371,7 @@ class _Importer:
         return _fail(self.src, f"{where}: {msg}")
 
     def fresh(self, base: str) -> str:
-        base = sanitize_name(base)
-        name, i = base, 1
-        while name in self.taken:
-            name = f"{base}_{i}"
-            i += 1
+        name = unique_name(sanitize_name(base), self.taken)
         self.taken.add(name)
         return name
 

@@ -32,7 +32,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from slimc import ops
 from slimc.errors import FrontendError, IRError
-from slimc.ir import DTYPES, Dim, Graph, Node, TensorType, sanitize_name
+from slimc.ir import DTYPES, Dim, Graph, Node, TensorType, sanitize_name, unique_name
 
 aten = torch.ops.aten
 
@@ -414,10 +414,7 @@ class _Importer:
     # -- values --
     def fresh(self, base: str) -> str:
         """A unique, sanitized IR name."""
-        base = sanitize_name(base)
-        name, i = base, 1
-        while name in self.taken:
-            name, i = f"{base}_{i}", i + 1
+        name = unique_name(sanitize_name(base), self.taken)
         self.taken.add(name)
         return name
 

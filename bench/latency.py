@@ -1,7 +1,7 @@
 """Latency bench: slimc fp32 (tuned) vs PyTorch eager vs ONNX Runtime fp32, batch 1, 224x224, one run, one table.
 
 Run alone (tuning and timing on a shared 2-core box are meaningless in parallel):
-    .venv/bin/python bench/latency.py --trials 256 [--models resnet18,mobilenet_v2,resnet50]
+    .venv/bin/python bench/latency.py --trials 96 [--models resnet18,mobilenet_v2,resnet50]
 Writes bench/results/latency.json with the trial budget, tuning time and every measurement.
 """
 
@@ -74,8 +74,9 @@ def bench_model(name: str, args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="resnet18,mobilenet_v2,resnet50")
-    p.add_argument("--trials", type=int, default=256, help="MetaSchedule trials per model (only untuned workloads)")
-    p.add_argument("--tune-ops", default="conv,matmul", help="tune only these tasks (comma-separated; '' for all)")
+    p.add_argument("--trials", type=int, default=96, help="MetaSchedule trials per model (only untuned workloads)")
+    p.add_argument("--tune-ops", default="",
+                   help="tune only tasks whose name has one of these words (comma-separated; default: all untemplated)")
     p.add_argument("--tune-db", default=os.path.join(HERE, "results", "tune-db"), help="tuning database dir")
     p.add_argument("--work", default=os.path.join(HERE, "results", "work"))
     p.add_argument("--out", default=os.path.join(HERE, "results", "latency.json"))

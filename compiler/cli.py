@@ -161,7 +161,7 @@ def _sample_inputs(args: argparse.Namespace, loaded) -> list:
     return arrays
 
 
-def _run_pipeline(args: argparse.Namespace, check: bool, **instrument_kw):
+def _run_pipeline(args: argparse.Namespace, check: bool, target=None, **instrument_kw):
     from slimc.pass_manager import Instruments, PassContext, PassManager
 
     loaded = _load(args)
@@ -170,7 +170,8 @@ def _run_pipeline(args: argparse.Namespace, check: bool, **instrument_kw):
     sample = _sample_inputs(args, loaded)
     if check:
         reference = (sample, loaded.oracle(sample))
-    pm = PassManager(pm.specs, Instruments(reference=reference, **instrument_kw), PassContext(sample_inputs=sample))
+    pm = PassManager(pm.specs, Instruments(reference=reference, **instrument_kw),
+                     PassContext(sample_inputs=sample, target=target))
     graph, records = pm.run(loaded.graph)
     return loaded, pm, graph, records, sample
 
@@ -225,9 +226,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
         from slimc.errors import SlimcError
 
         raise SlimcError(f"--trials must be >= 0, got {args.trials}")
-    loaded, pm, graph, records, sample = _run_pipeline(args, check=True)
+    from slimc.targets.triple import resolve
+
+    target = resolve(args.target, args.mcpu, args.mattr)  # passes see it too (e.g. prune's round_to)
+    loaded, pm, graph, records, sample = _run_pipeline(args, check=True, target=target)
     result = slimc_compile.compile_graph(
-        loaded, pm.pipeline, graph, records, target=args.target, mcpu=args.mcpu, mattr=args.mattr,
+        loaded, pm.pipeline, graph, records, target=target, mcpu=None, mattr=None,
         trials=args.trials, tune_db=args.tune_db,
         tune_ops=[o.strip() for o in args.tune_ops.split(",")] if args.tune_ops else None,
         measure=not args.no_measure, out_dir=args.output, sample=sample, compare_baselines=args.compare)

@@ -87,7 +87,7 @@ def _report_md(meta: dict) -> str:
     return "\n".join(out)
 
 
-def compile_graph(loaded, pipeline: str, graph, records: Sequence[StepRecord], *, target: str, mcpu: str | None,
+def compile_graph(loaded, pipeline: str, graph, records: Sequence[StepRecord], *, target, mcpu: str | None,
                   mattr: str | None, trials: int, tune_db: str | None, tune_ops: list[str] | None, measure: bool,
                   out_dir: str, sample: Sequence[np.ndarray], compare_baselines: bool = False,
                   log=None) -> CompileResult:
@@ -98,7 +98,7 @@ def compile_graph(loaded, pipeline: str, graph, records: Sequence[StepRecord], *
     from slimc.targets.triple import resolve
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    tgt = resolve(target, mcpu, mattr)
+    tgt = resolve(target, mcpu, mattr) if isinstance(target, str) else target
     if trials > 0 and not (tgt.arch == host_arch() and _runs_here(tgt)):
         from slimc.targets.tune import TuningError
 

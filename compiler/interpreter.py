@@ -230,6 +230,16 @@ def check_inputs(graph: Graph, arrays: Sequence[Any]) -> None:
                              f"{list(shape)}; pass data of that shape (or re-import with --input-shape)")
 
 
+#: operand slots that hold statistics, not weights: never trained (torch also refuses gradients for them)
+STATISTICS_SLOTS: dict[str, tuple[int, ...]] = {"batch_norm": (3, 4)}
+
+
+def statistics_params(graph: Graph) -> set[str]:
+    """Parameters used as running statistics (batch-norm mean/var)."""
+    return {n.inputs[i] for n in graph.nodes for i in STATISTICS_SLOTS.get(n.op, ())
+            if i < len(n.inputs) and graph.is_param(n.inputs[i])}
+
+
 class GraphModule(torch.nn.Module):
     """A Graph as an nn.Module: weights are Parameters (float) or buffers (integer), forward runs the nodes."""
 
@@ -237,12 +247,14 @@ class GraphModule(torch.nn.Module):
         super().__init__()
         self.graph = graph
         self._names: dict[str, str] = {}
+        frozen = statistics_params(graph)
         for i, (name, arr) in enumerate(graph.weights.items()):
             key = f"p{i}"
             self._names[name] = key
             t = torch.from_numpy(np.ascontiguousarray(arr))
             if t.is_floating_point():
-                self.register_parameter(key, torch.nn.Parameter(t.clone(), requires_grad=trainable))
+                grad = trainable and name not in frozen
+                self.register_parameter(key, torch.nn.Parameter(t.clone(), requires_grad=grad))
             else:
                 self.register_buffer(key, t.clone())
         missing = [p for p in graph.param_types if p not in self._names]

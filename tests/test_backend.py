@@ -193,3 +193,20 @@ def test_tuning_a_foreign_cpu_is_refused(tmp_path):
     p = slimc("compile", "tiny_models:convnet", "--target", "aarch64-linux-gnu", "--trials", "4", "-o", str(tmp_path / "x"))
     assert p.returncode != 0 and "--trials 0" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_compile_pruned_model_uses_the_target_channel_block(tmp_path):
+    from slimc import ir
+
+    out = str(tmp_path / "art")
+    p = slimc("compile", "tiny_models:convnet", "--passes", "canonicalize,fold-bn,fuse-act,prune{ratio=0.5}",
+              "--tune-db", str(tmp_path / "db"), "--no-measure", "-o", out)
+    assert p.returncode == 0, p.stderr
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    assert meta["check"]["max_rel"] <= 1e-4
+    before, after = meta["passes"][-2]["stats"], meta["passes"][-1]["stats"]
+    assert after["macs"] < before["macs"]
+    block = resolve("native").channel_block
+    graph = ir.load(os.path.join(out, "model.slimc"))
+    widths = [graph.type_of(n.inputs[1]).shape[0] for n in graph.nodes if n.op == "conv2d"]
+    assert min(widths) < 32 and all(w % block == 0 for w in widths), widths

@@ -102,3 +102,23 @@ def test_interpreter_is_differentiable():
     x = torch.randn(2, 3, 8, 8)
     m(x).sum().backward()
     assert m.tensor("w").grad is not None and m.tensor("w").grad.abs().sum() > 0
+
+
+def test_trainable_module_freezes_batch_norm_statistics():
+    import torch
+
+    g = ir.parse_graph("""\
+graph @bn(%x: f32[2,4,3,3]) {
+  param %g: f32[4]
+  param %b: f32[4]
+  param %m: f32[4]
+  param %v: f32[4]
+  %y: f32[2,4,3,3] = batch_norm(%x, %g, %b, %m, %v)
+  return %y
+}
+""")
+    g = g.replace(weights={k: np.ones(4, np.float32) for k in g.param_types})
+    m = interpreter.GraphModule(g, trainable=True)
+    m(torch.randn(2, 4, 3, 3)).sum().backward()
+    assert m.tensor("g").grad is not None and m.tensor("b").grad is not None
+    assert not m.tensor("m").requires_grad and not m.tensor("v").requires_grad

@@ -82,12 +82,7 @@ def taylor_gradients(g: Graph, inputs: Sequence[np.ndarray]) -> dict[str, np.nda
 
     from slimc.interpreter import GraphModule
 
-    module = GraphModule(g, trainable=True)
-    for n in g.nodes:  # running statistics are not weights (torch refuses gradients for them)
-        if n.op == "batch_norm":
-            for v in n.inputs[3:5]:
-                if g.is_param(v):
-                    module.tensor(v).requires_grad_(False)
+    module = GraphModule(g, trainable=True)  # batch-norm statistics stay frozen (interpreter.statistics_params)
     xs = [torch.as_tensor(np.asarray(x)) for x in inputs]
     out = module(*xs)
     y = out[0] if isinstance(out, tuple) else out

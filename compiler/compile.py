@@ -30,6 +30,16 @@ class CompileResult:
                  f"target: {m['target']['describe']}",
                  f"tuning: {t['tasks_tuned']} workloads tuned ({t['trials']} trials, {t['seconds']:.0f} s), "
                  f"{t['tasks_reused']} of {t['tasks_total']} reused from {t['database']}"]
+        q = m.get("quantization")
+        if q:
+            dots = q.get("int8_dot_instructions") or {}
+            lines.append(f"int8: {q['int8_mac_share']:.1%} of MACs in integer kernels, {q['quantize_ops']} quantize / "
+                         f"{q['dequantize_ops']} dequantize ops left"
+                         + (", " + ", ".join(f"{k} x{v}" for k, v in dots.items() if v) if dots else ""))
+        ev = m.get("evaluation")
+        if ev:
+            lines.append(f"top-1 agreement with {m['reference']}: {ev['top1_agreement']:.1%} on {ev['samples']} "
+                         f"samples (median logit SQNR {ev['sqnr_db_median']:.1f} dB)")
         if m["check"]:
             lines.append(f"artifact vs IR interpreter: max error {m['check']['max_rel']:.1e} of output range, "
                          f"SQNR {m['check']['sqnr_db']:.1f} dB")
@@ -82,15 +92,72 @@ def _report_md(meta: dict) -> str:
                             f"({lat['repeats']}x{lat['number']} runs, {lat['threads']} threads, {lat['where']})"
                             if lat else "not measured"),
            *[f"- baseline {line}" for line in (_baseline_lines(meta) if lat else [])],
+           *([f"- top-1 agreement with {meta['reference']}: {ev['top1_agreement']:.1%} on {ev['samples']} samples, "
+              f"median logit SQNR {ev['sqnr_db_median']:.1f} dB"] if (ev := meta.get("evaluation")) else []),
            "", "## Passes (error vs the original model)", "", "```",
-           table(["step", "pass", "nodes", "params", "MACs", "bytes", "max err/range"], rows), "```", ""]
+           table(["step", "pass", "nodes", "params", "MACs", "bytes", "max err/range"], rows), "```", "",
+           *_quant_lines(meta.get("quantization"))]
     return "\n".join(out)
+
+
+def quantization_summary(graph, records: Sequence[StepRecord]) -> dict | None:
+    """int8 share of MACs, quantize/dequantize ops left, per-layer SQNR: the report's proof of real int8 compute."""
+    from slimc.passes.quant.fold import int8_mac_share
+
+    steps = {r.name: r.pass_stats for r in records}
+    if "quantize" not in steps:
+        return None
+    counts = {op: sum(1 for n in graph.nodes if n.op == op) for op in ("quantize", "dequantize")}
+    return {"int8_mac_share": round(int8_mac_share(graph), 4), "quantize_ops": counts["quantize"],
+            "dequantize_ops": counts["dequantize"], "scheme": steps["quantize"].get("scheme"),
+            "float_layers": steps["quantize"].get("float_layers", []),
+            "layer_sqnr_db": steps["quantize"].get("layer_sqnr_db", {}), "int8_dot_instructions": None}
+
+
+def _dot_counts(lib: str, tgt, log) -> dict | None:
+    from slimc.errors import SlimcError
+    from slimc.targets.asm import count_int8_dot
+
+    try:
+        return count_int8_dot(lib, tgt)
+    except SlimcError as e:
+        log(f"warning: {e}")
+        return None
+
+
+def _quant_lines(q: dict | None) -> list[str]:
+    if not q:
+        return []
+    dots = q.get("int8_dot_instructions")
+    lines = ["", "## int8", "",
+             f"- MACs in integer kernels: {q['int8_mac_share']:.1%}; scheme {q['scheme']}",
+             f"- quantize / dequantize ops left: {q['quantize_ops']} / {q['dequantize_ops']}",
+             f"- float layers: {', '.join(q['float_layers']) or 'none'}",
+             "- int8 dot-product instructions in the library: "
+             + (", ".join(f"{k} {v}" for k, v in dots.items()) if dots else "not counted"), "",
+             "Per-layer SQNR, int8 vs float (errors accumulated from the input):", "", "```"]
+    rows = [[v, f"{db:.1f}"] for v, db in q["layer_sqnr_db"].items()]
+    return lines + [table(["value", "SQNR dB"], rows) if rows else "(no sample inputs)", "```", ""]
+
+
+def evaluate(model, oracle, dataset, limit: int = 256) -> dict:
+    """Top-1 agreement and logit SQNR of the artifact against the original model, one sample at a time."""
+    agree, sqnrs, n = 0, [], 0
+    for batch in dataset.batches(1):
+        got, ref = model.run(*batch.inputs)[0], oracle(list(batch.inputs))[0]
+        agree += int(np.argmax(got.reshape(-1)) == np.argmax(ref.reshape(-1)))
+        sqnrs.append(compare([got], [ref]).sqnr_db)
+        n += 1
+        if n >= limit:
+            break
+    return {"samples": n, "top1_agreement": agree / n if n else None,
+            "sqnr_db_median": float(np.median(sqnrs)) if sqnrs else None}
 
 
 def compile_graph(loaded, pipeline: str, graph, records: Sequence[StepRecord], *, target, mcpu: str | None,
                   mattr: str | None, trials: int, tune_db: str | None, tune_ops: list[str] | None, measure: bool,
                   out_dir: str, sample: Sequence[np.ndarray], compare_baselines: bool = False,
-                  log=None) -> CompileResult:
+                  calibration=None, eval_data=None, log=None) -> CompileResult:
     """Build the optimized graph for the target, check it against the IR, measure it, write the artifact."""
     from slimc import interpreter, ir, runtime
     from slimc.targets.build import build, host_arch, write_artifact
@@ -116,6 +183,7 @@ def compile_graph(loaded, pipeline: str, graph, records: Sequence[StepRecord], *
                     for o in graph.outputs],
         "pipeline": pipeline, "passes": [r.to_json() for r in records], "tuning": result.tuning.to_json(),
         "build_seconds": result.build_seconds, "check": None, "latency": None,
+        "quantization": quantization_summary(graph, records),
     }
 
     def extra(tmp: str) -> None:
@@ -125,39 +193,57 @@ def compile_graph(loaded, pipeline: str, graph, records: Sequence[StepRecord], *
 
     on_host = tgt.arch == host_arch()
     out_dir = write_artifact(out_dir, result.executable, tgt, meta, _report_md(meta), extra)
+    if meta["quantization"]:
+        meta["quantization"]["int8_dot_instructions"] = _dot_counts(os.path.join(out_dir, runtime.LIB_NAME), tgt, log)
+        _rewrite_meta(out_dir, meta)
     if on_host:
         model = runtime.load(out_dir)
         meta["check"] = compare(model.run(*sample), ref_out).to_json()
+        if eval_data is not None:
+            meta["evaluation"] = evaluate(model, loaded.oracle, eval_data)
         if measure and (tgt.is_host or _runs_here(tgt)):
             meta["latency"] = measure_local(model, sample).to_json()
             if compare_baselines:
-                meta["baselines"] = baselines(loaded, sample)
+                meta["baselines"] = baselines(loaded, sample, calibration=calibration)
         _rewrite_meta(out_dir, meta)
     return CompileResult(out_dir, meta)
 
 
-def baselines(loaded, sample: Sequence[np.ndarray], repeat: int = 30, number: int = 5, warmup: int = 10) -> list[dict]:
-    """Latency of the original model in its own framework and in ONNX Runtime fp32, same inputs, same machine."""
-    import tempfile
+def baselines(loaded, sample: Sequence[np.ndarray], repeat: int = 30, number: int = 5, warmup: int = 10, *,
+              calibration=None, calib_method: str = "minmax") -> list[dict]:
+    """Latency of the original model in its own framework and in ONNX Runtime fp32, same inputs, same machine.
 
-    import onnxruntime as ort
+    With `calibration` (input arrays or a slimc.data.Dataset) also ONNX Runtime's static int8 QDQ model.
+    """
+    import tempfile
+    import time
 
     from slimc import export
+    from slimc.ort_quant import ort_session, quantize_with_ort
     from slimc.targets.measure import time_callable
 
     def timed(name: str, fn) -> dict:
         return {"name": name, **time_callable(fn, number=number, repeat=repeat, warmup=warmup).to_json()}
 
     out = [timed(loaded.oracle_name, lambda: loaded.oracle(sample))]
-    if loaded.oracle_name != "ONNX Runtime":
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "model.onnx")
+    from_onnx = loaded.oracle_name == "ONNX Runtime"
+    if from_onnx and calibration is None:
+        return out
+    with tempfile.TemporaryDirectory() as d:
+        path = loaded.spec if from_onnx else os.path.join(d, "model.onnx")
+        if not from_onnx:
             export.to_onnx(loaded.graph, path)
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = len(os.sched_getaffinity(0))
-            sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+            sess = ort_session(path)
             feed = {i.name: x for i, x in zip(sess.get_inputs(), sample)}
             out.append(timed("ONNX Runtime fp32", lambda: sess.run(None, feed)))
+        if calibration is not None:
+            t0 = time.perf_counter()
+            qpath = quantize_with_ort(path, os.path.join(d, "model.int8.onnx"), calibration, calib_method)
+            seconds = time.perf_counter() - t0
+            qsess = ort_session(qpath)
+            qfeed = {i.name: x for i, x in zip(qsess.get_inputs(), sample)}
+            out.append({**timed("ONNX Runtime int8", lambda: qsess.run(None, qfeed)),
+                        "calibration": calib_method, "quantize_seconds": seconds})
     return out
 
 

@@ -459,6 +459,155 @@ def _resize(b: _Builder, n: Node, ins: list[str], outs: list[str]) -> None:
         b.add("Resize", [ins[0], *empty, sizes], outs, **style)
 
 
+# ---- quantization ---------------------------------------------------------------------------------
+
+#: first opset whose QuantizeLinear/DequantizeLinear take a per-axis (1-D) scale
+PER_AXIS_OPSET = 13
+
+
+def _along(b: _Builder, v: str, axis: int, rank: int, suffix: str) -> str:
+    """A [C] value reshaped to [C, 1, ...] so that it broadcasts along `axis` of a rank-`rank` tensor."""
+    return b.add("Reshape", [v, b.ints(f"{suffix}_shape", [-1] + [1] * (rank - 1 - axis))], b.tmp(suffix))[0]
+
+
+def _to_float(b: _Builder, x: str, suffix: str) -> str:
+    """x cast to float32, rounding as the interpreter's .float() does (exactly below 2^24)."""
+    return b.add("Cast", [x], b.tmp(suffix), to=onnx.TensorProto.FLOAT)[0]
+
+
+def _qdq_axis(b: _Builder, n: Node) -> int | None:
+    """The channel axis of a per-axis quantize/dequantize, or None when it is per-tensor (scalar scale)."""
+    if b.graph.type_of(n.inputs[1]).rank == 0:
+        return None
+    return n.attrs["axis"] % b.graph.type_of(n.inputs[0]).rank
+
+
+@emits("quantize")
+def _quantize(b: _Builder, n: Node, ins: list[str], outs: list[str]) -> None:
+    x_t, axis = b.graph.type_of(n.inputs[0]), _qdq_axis(b, n)
+    x = ins[0] if x_t.dtype == "float32" else _to_float(b, ins[0], "f32")  # the interpreter quantizes float32
+    if axis is None or b.opset >= PER_AXIS_OPSET:
+        b.add("QuantizeLinear", [x, ins[1], ins[2]], outs, axis=axis)
+        return
+    # per-axis before opset 13: the definition itself, saturate(round_half_even(x / scale) + zero_point)
+    lo, hi = ops.QUANT_DTYPES[n.out_types[0].dtype]
+    scaled = b.add("Div", [x, _along(b, ins[1], axis, x_t.rank, "scale")], b.tmp("scaled"))[0]
+    rounded = b.add("Round", [scaled], b.tmp("rounded"))[0]
+    zp = _to_float(b, _along(b, ins[2], axis, x_t.rank, "zero_point"), "zero_point_f32")
+    shifted = b.add("Add", [rounded, zp], b.tmp("shifted"))[0]
+    clipped = b.tmp("saturated")
+    _clip(b, shifted, np.dtype(np.float32), float(lo), float(hi), clipped)
+    b.add("Cast", [clipped], outs, to=_ONNX_DTYPES[n.out_types[0].dtype])
+
+
+@emits("dequantize")
+def _dequantize(b: _Builder, n: Node, ins: list[str], outs: list[str]) -> None:
+    axis = _qdq_axis(b, n)
+    if axis is None or b.opset >= PER_AXIS_OPSET:
+        b.add("DequantizeLinear", ins, outs, axis=axis)
+        return
+    rank = b.graph.type_of(n.inputs[0]).rank  # per-axis before opset 13: (x - zero_point) * scale in float32
+    zp = _to_float(b, _along(b, ins[2], axis, rank, "zero_point"), "zero_point_f32")
+    centered = b.add("Sub", [_to_float(b, ins[0], "f32"), zp], b.tmp("centered"))[0]
+    b.add("Mul", [centered, _along(b, ins[1], axis, rank, "scale")], outs)
+
+
+def _requantized(b: _Builder, n: Node, outs: list[str], core: Callable[[str], None]) -> None:
+    """`core` computes the float32 value v; then act(v) and, for an integer out_dtype, QuantizeLinear to its grid."""
+    a = n.attrs
+    as_float = n.replace(out_types=tuple(TensorType(t.shape, "float32") for t in n.out_types))
+    if a["out_dtype"] == "float32":
+        _with_activation(b, as_float, outs, core)
+        return
+    v = b.tmp("dequantized")
+    _with_activation(b, as_float, [v], core)
+    zp = b.const("out_zero_point", a["out_zero_point"], np.dtype(a["out_dtype"]))
+    b.add("QuantizeLinear", [v, b.const("out_scale", a["out_scale"], np.float32), zp], outs)
+
+
+def _scaled_accumulator(b: _Builder, acc: str, bias: str, scale: str, axis: int, rank: int, out: str) -> None:
+    """float32(acc + bias) * scale per channel on `axis`: the int32 accumulator dequantized as the interpreter does."""
+    if axis != rank - 1:
+        bias, scale = _along(b, bias, axis, rank, "bias"), _along(b, scale, axis, rank, "scale")
+    biased = b.add("Add", [acc, bias], b.tmp("biased"))[0]
+    b.add("Mul", [_to_float(b, biased, "acc_f32"), scale], out)
+
+
+def _zero_point_padded(b: _Builder, n: Node, x: str) -> str:
+    """x padded by the conv's [top, left, bottom, right] with x_zero_point, as the integer conv defines padding."""
+    top, left, bottom, right = n.attrs["padding"]
+    if not any((top, left, bottom, right)):
+        return x
+    x_t = b.graph.type_of(n.inputs[0])
+    zp = n.attrs["x_zero_point"]
+    lo, hi = ops.QUANT_DTYPES[x_t.dtype]
+    if not lo <= zp <= hi:
+        raise b.error(f"x_zero_point={zp} does not fit the {x_t.dtype} input, so its padding has no {x_t.dtype} "
+                      f"value in ONNX; use a zero point in [{lo}, {hi}]")
+    pads, value = b.ints("pads", [0, 0, top, left, 0, 0, bottom, right]), b.const("x_zero_point", zp, x_t.dtype)
+    return b.add("Pad", [x, pads, value], b.tmp("padded"), mode="constant")[0]
+
+
+def _as_uint8(b: _Builder, x: str, dtype: str, suffix: str) -> tuple[str, str]:
+    """An 8-bit operand as uint8 plus the zero point restoring it (int8 v is stored as v + 128, exactly).
+
+    ONNX Runtime's u8 x s8 integer kernels may saturate int16 pair sums on x86 CPUs without VNNI (its quantization
+    docs); u8 x u8 with zero points accumulates exactly everywhere, and the integer ops promise exact int32 sums.
+    """
+    if dtype == "uint8":
+        return x, b.const(f"{suffix}_zero_point", 0, np.uint8)
+    wide = b.add("Cast", [x], b.tmp(f"{suffix}_i32"), to=onnx.TensorProto.INT32)[0]
+    shifted = b.add("Add", [wide, b.const(f"{suffix}_offset", 128, np.int32)], b.tmp(f"{suffix}_shifted"))[0]
+    u8 = b.add("Cast", [shifted], b.tmp(f"{suffix}_u8"), to=onnx.TensorProto.UINT8)[0]
+    return u8, b.const(f"{suffix}_zero_point", 128, np.uint8)
+
+
+def _integer_operands(b: _Builder, n: Node, x: str, w: str) -> list[str]:
+    """[x, w, x_zero_point, w_zero_point] of ConvInteger/MatMulInteger computing the plain sum of x * w."""
+    x_u8, x_zp = _as_uint8(b, x, b.graph.type_of(n.inputs[0]).dtype, "x")
+    w_u8, w_zp = _as_uint8(b, w, b.graph.type_of(n.inputs[1]).dtype, "w")
+    return [x_u8, w_u8, x_zp, w_zp]
+
+
+@emits("qconv2d")
+def _qconv2d(b: _Builder, n: Node, ins: list[str], outs: list[str]) -> None:
+    a = n.attrs
+    k = b.graph.type_of(n.inputs[1]).shape[2:]
+
+    def core(y: str) -> None:  # ConvInteger: exact int32 sums over the zero-point-padded input
+        operands = _integer_operands(b, n, _zero_point_padded(b, n, ins[0]), ins[1])
+        acc = b.add("ConvInteger", operands, b.tmp("acc"), kernel_shape=list(k), strides=list(a["stride"]),
+                    dilations=list(a["dilation"]), group=a["groups"])[0]
+        _scaled_accumulator(b, acc, ins[2], ins[3], 1, 4, y)
+
+    _requantized(b, n, outs, core)
+
+
+@emits("qdense")
+def _qdense(b: _Builder, n: Node, ins: list[str], outs: list[str]) -> None:
+    rank = b.graph.type_of(n.inputs[0]).rank
+
+    def core(y: str) -> None:  # MatMulInteger with the [in, out] weight: exact int32 sums
+        wt = b.add("Transpose", [ins[1]], b.tmp("wT"), perm=[1, 0])[0]
+        acc = b.add("MatMulInteger", _integer_operands(b, n, ins[0], wt), b.tmp("acc"))[0]
+        _scaled_accumulator(b, acc, ins[2], ins[3], rank - 1, rank, y)
+
+    _requantized(b, n, outs, core)
+
+
+@emits("qadd")
+def _qadd(b: _Builder, n: Node, ins: list[str], outs: list[str]) -> None:
+    a = n.attrs
+
+    def dequantized(x: str, key: str) -> str:
+        """(x - zp) * scale in float32; not DequantizeLinear, which ORT would fuse with Add and Q into QLinearAdd."""
+        zp = b.const(f"{key}_zero_point", float(a[f"{key}_zero_point"]), np.float32)
+        centered = b.add("Sub", [_to_float(b, x, f"{key}_f32"), zp], b.tmp(f"{key}_centered"))[0]
+        return b.add("Mul", [centered, b.const(f"{key}_scale", a[f"{key}_scale"], np.float32)], b.tmp(key))[0]
+
+    _requantized(b, n, outs, lambda y: b.add("Add", [dequantized(ins[0], "a"), dequantized(ins[1], "b")], y))
+
+
 # ---- whole graphs ---------------------------------------------------------------------------------
 
 _ONNX_DTYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,

@@ -148,8 +148,10 @@ def _pad(x, a):
 
 @kernel("max_pool2d")
 def _maxpool(x, a):
-    inp, pad = _pad4(x[0], a["padding"], value=float("-inf"))
-    return F.max_pool2d(inp, tuple(a["kernel"]), tuple(a["stride"]), pad, tuple(a["dilation"]), a["ceil_mode"])
+    t = x[0] if x[0].is_floating_point() else x[0].float()  # quantized max pool: exact on the integers
+    inp, pad = _pad4(t, a["padding"], value=float("-inf"))
+    y = F.max_pool2d(inp, tuple(a["kernel"]), tuple(a["stride"]), pad, tuple(a["dilation"]), a["ceil_mode"])
+    return y.to(x[0].dtype)
 
 
 @kernel("avg_pool2d")
@@ -196,6 +198,76 @@ def _shuffle(x, a):
     t, g = x[0], a["groups"]
     n, c = t.shape[0], t.shape[1]
     return t.reshape(n, g, c // g, *t.shape[2:]).transpose(1, 2).reshape(t.shape)
+
+
+# ---- quantization --------------------------------------------------------------------------------
+
+_QBOUNDS = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
+
+
+def _per_axis(v: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+    """A scalar or [C] quantization parameter shaped to broadcast along `axis` of x."""
+    if v.dim() == 0:
+        return v
+    shape = [1] * x.dim()
+    shape[axis % x.dim()] = -1
+    return v.reshape(shape)
+
+
+def saturate(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    lo, hi = _QBOUNDS[dtype]
+    return torch.clamp(v, lo, hi).to(dtype)
+
+
+@kernel("quantize")
+def _quantize(x, a):
+    s, z = _per_axis(x[1], x[0], a["axis"]), _per_axis(x[2], x[0], a["axis"])
+    return saturate(torch.round(x[0].float() / s) + z.float(), x[2].dtype)
+
+
+@kernel("dequantize")
+def _dequantize(x, a):
+    s, z = _per_axis(x[1], x[0], a["axis"]), _per_axis(x[2], x[0], a["axis"])
+    return (x[0].float() - z.float()) * s
+
+
+def requantize_epilogue(v: torch.Tensor, a: Mapping[str, Any]) -> torch.Tensor:
+    """act(v), then float32 out or saturate(round_half_even(v / out_scale) + out_zero_point)."""
+    v = apply_activation(v, a)
+    if a["out_dtype"] == "float32":
+        return v
+    dt = _torch_dtype(a["out_dtype"])
+    return saturate(torch.round(v / torch.tensor(a["out_scale"], dtype=torch.float32)) + a["out_zero_point"], dt)
+
+
+def _per_channel(acc: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
+    """(acc + bias) in exact int64, then times the float32 dequantization scale of each channel."""
+    shape = [1] * acc.dim()
+    shape[axis] = -1
+    exact = torch.round(acc).to(torch.int64) + bias.to(torch.int64).reshape(shape)
+    return exact.to(torch.int32).float() * scale.reshape(shape)
+
+
+@kernel("qconv2d")
+def _qconv2d(x, a):
+    # float64 holds every u8 x s8 partial sum exactly (|acc| < 2^53), so this is the int32 conv
+    top, left, bottom, right = a["padding"]
+    inp = F.pad(x[0].double(), (left, right, top, bottom), value=float(a["x_zero_point"]))
+    acc = F.conv2d(inp, x[1].double(), None, tuple(a["stride"]), 0, tuple(a["dilation"]), a["groups"])
+    return requantize_epilogue(_per_channel(acc, x[2], x[3], 1), a)
+
+
+@kernel("qdense")
+def _qdense(x, a):
+    acc = F.linear(x[0].double(), x[1].double())
+    return requantize_epilogue(_per_channel(acc, x[2], x[3], acc.dim() - 1), a)
+
+
+@kernel("qadd")
+def _qadd(x, a):
+    v = (x[0].float() - a["a_zero_point"]) * torch.tensor(a["a_scale"], dtype=torch.float32) \
+        + (x[1].float() - a["b_zero_point"]) * torch.tensor(a["b_scale"], dtype=torch.float32)
+    return requantize_epilogue(v, a)
 
 
 def run_node(node: Node, args: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:

@@ -127,6 +127,10 @@ class Graph:
     """A whole model: typed inputs, parameters (weights), topologically ordered nodes, outputs.
 
     Equality is structural (weights are compared by type, not by value) so that `parse(print(g)) == g`.
+    `calibration` holds the calibrated (lo, hi) range of activation values (filled by the calibrate pass, read by
+    quantize); it is printed as `calib %v [lo, hi]` lines. Rebuilding a graph keeps only ranges that cannot be
+    stale: `replace`/`with_nodes` drop those of values that no longer exist or are computed from new weight data,
+    `rewrite.Edit.apply` those of everything downstream of what it changed.
     """
 
     name: str
@@ -135,6 +139,7 @@ class Graph:
     nodes: tuple[Node, ...]
     param_types: Mapping[str, TensorType]
     weights: Mapping[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+    calibration: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple((n, t) for n, t in self.inputs))
@@ -142,6 +147,7 @@ class Graph:
         object.__setattr__(self, "nodes", tuple(self.nodes))
         object.__setattr__(self, "param_types", dict(self.param_types))
         object.__setattr__(self, "weights", dict(self.weights))
+        object.__setattr__(self, "calibration", _normalize_calibration(self.name, self.calibration))
 
     # ---- construction -------------------------------------------------------------------------
     @staticmethod
@@ -157,15 +163,42 @@ class Graph:
                      {k: TensorType.of(v) for k, v in weights.items()}, dict(weights))
 
     def replace(self, **changes: Any) -> Graph:
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`. Unless `calibration` is given, ranges of values that no longer exist drop out, and
+        so do those computed from a weight whose data is replaced (a new array object), as they may be stale."""
+        g = dataclasses.replace(self, **changes)
+        return g if "calibration" in changes else self._fresh_calibration_of(g)
+
+    def _fresh_calibration_of(self, g: Graph) -> Graph:
+        """`g`, a rebuild of this graph, keeping only ranges of values that exist and use no replaced weight data."""
+        new_data = {k for k, v in g.weights.items() if k in self.weights and v is not self.weights[k]}
+        if new_data and g.calibration:
+            g = dataclasses.replace(g, calibration=g.calibration_without(new_data))
+        return g.drop_stale_calibration()
+
+    def calibration_without(self, changed: Iterable[str]) -> dict[str, tuple[float, float]]:
+        """The calibrated ranges minus those of `changed` values and of every value computed from one of them."""
+        dirty = set(changed)
+        for n in self.nodes:
+            if any(i in dirty for i in n.inputs):
+                dirty.update(n.outputs)
+        return {v: r for v, r in self.calibration.items() if v not in dirty}
+
+    def drop_stale_calibration(self) -> Graph:
+        """Keep the calibrated ranges of values this graph still has (a rebuilt graph may have lost some)."""
+        if all(v in self.value_types for v in self.calibration):
+            return self
+        kept = {v: r for v, r in self.calibration.items() if v in self.value_types}
+        return dataclasses.replace(self, calibration=kept)
 
     def with_nodes(self, nodes: Sequence[Node], weights: Mapping[str, np.ndarray] | None = None,
                    outputs: Sequence[str] | None = None) -> Graph:
-        """A new graph with other nodes (and optionally weights/outputs); unused parameters are dropped."""
+        """A new graph with other nodes (and optionally weights/outputs); unused parameters are dropped, calibrated
+        ranges kept where their values exist and use no replaced weight data (as in `replace`)."""
         w = dict(self.weights if weights is None else weights)
         ptypes = {k: TensorType.of(v) for k, v in w.items()} if weights is not None else dict(self.param_types)
-        g = Graph(self.name, self.inputs, tuple(self.outputs if outputs is None else outputs), tuple(nodes), ptypes, w)
-        return g.drop_unused_params()
+        g = Graph(self.name, self.inputs, tuple(self.outputs if outputs is None else outputs), tuple(nodes), ptypes, w,
+                  self.calibration)
+        return self._fresh_calibration_of(g).drop_unused_params()
 
     def drop_unused_params(self) -> Graph:
         used = {i for n in self.nodes for i in n.inputs} | set(self.outputs)
@@ -299,9 +332,30 @@ class Graph:
         for o in self.outputs:
             if o not in defined:
                 raise IRError(f"graph {self.name}: output %{o} is not defined")
+        for v, (lo, hi) in self.calibration.items():
+            if v not in defined or v in self.param_types:
+                what = "a parameter" if v in self.param_types else "not a value of the graph"
+                raise IRError(f"graph {self.name}: calibrated range for %{v}, which is {what}; calibration holds "
+                              "activation ranges only (a rewrite that removes a value must drop its entry)")
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+                raise IRError(f"graph {self.name}: calibrated range of %{v} is [{lo!r}, {hi!r}]; a range needs "
+                              "finite bounds with lo <= hi")
 
     def __str__(self) -> str:
         return print_graph(self)
+
+
+def _normalize_calibration(graph: str, cal: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
+    """Calibration as {value: (lo, hi)} with Python floats, so that equality and printing are exact."""
+    out: dict[str, tuple[float, float]] = {}
+    for v, r in cal.items():
+        try:
+            lo, hi = r
+            out[str(v)] = (float(lo), float(hi))
+        except (TypeError, ValueError):
+            raise IRError(f"graph {graph}: calibrated range of %{v} is {r!r}; expected a pair (lo, hi) of numbers") \
+                from None
+    return out
 
 
 # ---- text form -----------------------------------------------------------------------------------
@@ -338,6 +392,10 @@ def print_graph(g: Graph) -> str:
     lines = [f"graph @{g.name}({', '.join(f'%{n}: {t}' for n, t in g.inputs)}) {{"]
     lines += [f"  param %{n}: {t}" for n, t in g.param_types.items()]
     lines += [_format_node(n) for n in g.nodes]
+    order = {v: i for i, v in enumerate(g.value_types)}
+    for v in sorted(g.calibration, key=lambda v: (order.get(v, len(order)), v)):
+        lo, hi = g.calibration[v]
+        lines.append(f"  calib %{v} [{lo!r}, {hi!r}]")
     lines.append(f"  return {', '.join('%' + o for o in g.outputs)}")
     lines.append("}")
     return "\n".join(lines) + "\n"
@@ -447,6 +505,7 @@ def _split_top(text: str, sep: str = ",") -> list[str]:
 _HEADER_RE = re.compile(r"^graph @([A-Za-z0-9_.]+)\((.*)\) \{$")
 _NODE_RE = re.compile(r"^(?P<outs>.+?) = (?P<op>[a-z_0-9]+)\((?P<ins>[^)]*)\)(?: \{(?P<attrs>.*?)\})?(?: loc\((?P<loc>.*)\))?$")
 _TYPED_VALUE_RE = re.compile(r"^%([A-Za-z0-9_.#]+): (.+)$")
+_CALIB_RE = re.compile(r"^calib %([A-Za-z0-9_.#]+) \[([^,\]]+), ([^,\]]+)\]$")
 
 
 def parse_graph(text: str) -> Graph:
@@ -471,10 +530,20 @@ def parse_graph(text: str) -> Graph:
     params: dict[str, TensorType] = {}
     nodes: list[Node] = []
     outputs: tuple[str, ...] | None = None
+    calibration: dict[str, tuple[float, float]] = {}
     for lineno, ln in enumerate(lines[1:], start=2):
         if ln == "}":
             break
-        if ln.startswith("param "):
+        if ln.startswith("calib "):
+            cm = _CALIB_RE.match(ln)
+            try:
+                if not cm:
+                    raise ValueError(ln)
+                calibration[cm.group(1)] = (float(cm.group(2)), float(cm.group(3)))
+            except ValueError:
+                raise IRError(f"line {lineno}: expected 'calib %value [lo, hi]' with two numbers, "
+                              f"got {ln!r}") from None
+        elif ln.startswith("param "):
             pname, ptype = typed(ln[len("param "):], lineno)
             params[pname] = ptype
         elif ln.startswith("return "):
@@ -501,7 +570,7 @@ def parse_graph(text: str) -> Graph:
             nodes.append(node)
     if outputs is None:
         raise IRError("graph text has no 'return' line")
-    return Graph(name, inputs, outputs, tuple(nodes), params)
+    return Graph(name, inputs, outputs, tuple(nodes), params, calibration=calibration)
 
 
 # ---- save / load -------------------------------------------------------------------------------
@@ -510,7 +579,7 @@ FORMAT_VERSION = "1"
 
 
 def save(graph: Graph, path: str | os.PathLike[str]) -> None:
-    """Write the graph and its weights to one safetensors file (IR text in the metadata); atomic."""
+    """Write the graph and its weights to one safetensors file (IR text, with calibration, in the metadata); atomic."""
     from safetensors.numpy import save_file
 
     missing = [p for p in graph.param_types if p not in graph.weights]
@@ -518,7 +587,7 @@ def save(graph: Graph, path: str | os.PathLike[str]) -> None:
         raise IRError(f"cannot save graph {graph.name}: parameters without weight data: {', '.join(missing[:5])}")
     path = os.fspath(path)
     tmp = f"{path}.tmp{os.getpid()}"
-    tensors = {k: np.ascontiguousarray(v) for k, v in graph.weights.items()}
+    tensors = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in graph.weights.items()}  # keeps 0-d
     save_file(tensors, tmp, metadata={"slimc_format": FORMAT_VERSION, "slimc_ir": print_graph(graph)})
     os.replace(tmp, path)
 

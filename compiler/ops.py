@@ -487,3 +487,104 @@ def _shuffle(t, a):
     if x.rank < 2 or (isinstance(x.shape[1], int) and x.shape[1] % a["groups"]):
         raise _fail(f"channel_shuffle: {x} channels not divisible by groups={a['groups']}")
     return (x,)
+
+
+# ---- quantization ---------------------------------------------------------------------------------
+
+#: integer types a quantized value may have, with their saturation bounds
+QUANT_DTYPES: dict[str, tuple[int, int]] = {"uint8": (0, 255), "int8": (-128, 127)}
+
+
+def _check_qparams(x: TensorType, scale: TensorType, zp: TensorType, axis: int, op: str) -> None:
+    if scale.dtype != "float32":
+        raise _fail(f"{op}: scale must be float32, got {scale}")
+    if zp.dtype not in QUANT_DTYPES:
+        raise _fail(f"{op}: zero_point must be one of {', '.join(QUANT_DTYPES)}, got {zp}")
+    if scale.shape != zp.shape or scale.rank > 1:
+        raise _fail(f"{op}: scale {scale} and zero_point {zp} must both be scalars or both [C]")
+    if scale.rank == 1:
+        ax = _norm_axis(axis, x.rank, op)
+        if isinstance(x.shape[ax], int) and x.shape[ax] != scale.shape[0]:
+            raise _fail(f"{op}: {scale.shape[0]} scales for {x.shape[ax]} channels on axis {axis} of {x}")
+
+
+@register_op("quantize", ["x", "scale", "zero_point"], {"axis": Attr("int", 1)},
+             doc="ONNX QuantizeLinear: saturate(round_half_even(x / scale) + zero_point); per-tensor or along axis")
+def _quantize(t, a):
+    x, s, z = t
+    if not x.dtype.startswith("float"):
+        raise _fail(f"quantize: input must be float, got {x}")
+    _check_qparams(x, s, z, a.get("axis", 1), "quantize")
+    return (TensorType(x.shape, z.dtype),)
+
+
+@register_op("dequantize", ["x", "scale", "zero_point"], {"axis": Attr("int", 1)},
+             doc="ONNX DequantizeLinear: (x - zero_point) * scale as float32; per-tensor or along axis")
+def _dequantize(t, a):
+    x, s, z = t
+    if x.dtype != z.dtype:
+        raise _fail(f"dequantize: input {x} and zero_point {z} differ in dtype")
+    _check_qparams(x, s, z, a.get("axis", 1), "dequantize")
+    return (TensorType(x.shape, "float32"),)
+
+
+#: the requantizing epilogue of integer ops: float32 output, or saturate(round(v / out_scale) + out_zero_point)
+_QOUT = {
+    "out_dtype": Attr("str", "float32", ("float32", *QUANT_DTYPES)),
+    "out_scale": Attr("float", 1.0),
+    "out_zero_point": Attr("int", 0),
+}
+
+
+def _check_qout(a: Mapping[str, Any], op: str) -> str:
+    dt = a.get("out_dtype", "float32")
+    if dt != "float32":
+        lo, hi = QUANT_DTYPES[dt]
+        if not lo <= a.get("out_zero_point", 0) <= hi or not a.get("out_scale", 1.0) > 0:
+            raise _fail(f"{op}: out_zero_point must lie in [{lo}, {hi}] and out_scale be positive")
+    _check_act(a, op)
+    return dt
+
+
+def _check_integer_layer(t: Sequence[TensorType], channels: Dim, op: str) -> None:
+    x, w, b, s = t
+    if x.dtype not in QUANT_DTYPES or w.dtype != "int8":
+        raise _fail(f"{op}: expects a uint8/int8 input and an int8 weight, got {x} and {w}")
+    if b.dtype != "int32" or b.shape != (channels,) or s.dtype != "float32" or s.shape != (channels,):
+        raise _fail(f"{op}: bias must be int32[{channels}] and scale float32[{channels}], got {b} and {s}")
+
+
+@register_op("qconv2d", ["x", "w", "bias", "scale"], {
+    "stride": Attr("ints", (1, 1)), "padding": Attr("ints", (0, 0, 0, 0)), "dilation": Attr("ints", (1, 1)),
+    "groups": Attr("int", 1), "x_zero_point": Attr("int", 0), **_ACT, **_QOUT,
+}, macs=_conv_macs, doc="integer conv: acc = conv(x, w) in int32 (pads hold x_zero_point) + bias; "
+                        "v = act(acc * scale[c]); then the requantizing epilogue")
+def _qconv2d(t, a):
+    x, w = t[0], t[1]
+    _check_integer_layer(t, w.shape[0], "qconv2d")
+    fx, fw = TensorType(x.shape, "float32"), TensorType(w.shape, "float32")
+    conv_attrs = {k: v for k, v in a.items() if k in ("stride", "padding", "dilation", "groups")}
+    (out,) = _conv2d([fx, fw], conv_attrs)
+    return (TensorType(out.shape, _check_qout(a, "qconv2d")),)
+
+
+@register_op("qdense", ["x", "w", "bias", "scale"], {"x_zero_point": Attr("int", 0), **_ACT, **_QOUT},
+             macs=lambda i, o, a: o[0].numel() * i[1].shape[1],  # type: ignore[operator]
+             doc="integer dense: acc = x @ w.T in int32 + bias; v = act(acc * scale[n]); then the requantizing epilogue")
+def _qdense(t, a):
+    x, w = t[0], t[1]
+    _check_integer_layer(t, w.shape[0], "qdense")
+    (out,) = _dense([TensorType(x.shape, "float32"), TensorType(w.shape, "float32")], {})
+    return (TensorType(out.shape, _check_qout(a, "qdense")),)
+
+
+@register_op("qadd", ["a", "b"], {
+    "a_scale": Attr("float"), "a_zero_point": Attr("int"), "b_scale": Attr("float"), "b_zero_point": Attr("int"),
+    **_ACT, **_QOUT,
+}, doc="integer add: v = act((a - a_zero_point) * a_scale + (b - b_zero_point) * b_scale); then the epilogue")
+def _qadd(t, a):
+    x, y = t
+    if x.dtype not in QUANT_DTYPES or y.dtype not in QUANT_DTYPES:
+        raise _fail(f"qadd: expects quantized operands, got {x} and {y}")
+    shape = broadcast_shapes(x.shape, y.shape, "qadd")
+    return (TensorType(shape, _check_qout(a, "qadd")),)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
@@ -45,14 +46,36 @@ def opt(type_: type, default: Any = None, help: str = "") -> Option:
 
 
 @dataclass(frozen=True)
+class PassInput:
+    """The graph an earlier pass of the pipeline was given, with that pass's resolved options."""
+
+    graph: Graph
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class PassContext:
-    """What a pass may read besides the graph: its options, sample inputs, target, data, a logger."""
+    """What a pass may read besides the graph: its options, sample inputs, target, data, a logger.
+
+    `data` is a `slimc.data.Dataset` (`--data`, else `--calib`); `calib` is the `--calib` one (None without it).
+    `reference` is the model before the pipeline (the distillation teacher); `PassManager.run` fills it.
+    `inputs_of[name]` is what the latest earlier run of pass `name` in this pipeline was given (e.g. the float graph
+    `quantize` turned into QDQ, which bias correction and float fallback compare with); `PassManager.run` fills it.
+    """
 
     options: Mapping[str, Any] = field(default_factory=dict)
     sample_inputs: Sequence[np.ndarray] | None = None
     target: Any = None
     data: Any = None
     log: Callable[[str], None] = lambda msg: None
+    reference: Graph | None = None
+    calib: Any = None
+    inputs_of: Mapping[str, PassInput] = field(default_factory=dict)
+
+    @property
+    def calibration_data(self) -> Any:
+        """What calibration reads: `--calib` if given, else `--data`."""
+        return self.calib if self.calib is not None else self.data
 
 
 @dataclass(frozen=True)
@@ -94,7 +117,8 @@ def load_builtin_passes() -> None:
     """Import the pass modules so that their @register_pass calls run."""
     import importlib
 
-    for mod in ("cleanup", "fold_bn", "fuse", "prune.apply"):
+    for mod in ("cleanup", "fold_bn", "fuse", "prune.apply", "distill", "quant.calibrate", "quant.quantize",
+                "quant.fold", "quant.equalize", "quant.bias_correct"):
         importlib.import_module(f"slimc.passes.{mod}")
 
 
@@ -327,10 +351,13 @@ class PassManager:
         if ins.print_after_all:
             ins.stream.write(f"// ----- IR at input -----\n{ir.print_graph(graph)}")
         g = graph
+        given = dict(self.context.inputs_of)
         for i, spec in enumerate(self.specs, start=1):
             info = PASSES[spec.name]
-            ctx = PassContext(spec.resolved_options(), self.context.sample_inputs, self.context.target,
-                              self.context.data, self.context.log)
+            ctx = dataclasses.replace(self.context, options=spec.resolved_options(),
+                                      reference=graph if self.context.reference is None else self.context.reference,
+                                      inputs_of=dict(given))
+            given[spec.name] = PassInput(g, ctx.options)
             t0 = time.perf_counter()
             try:
                 result = info.fn(g, ctx)

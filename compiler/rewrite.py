@@ -40,6 +40,7 @@ class Edit:
     Rewrites are recorded against the graph as it was (`self.graph`); `apply()` builds the new graph:
     replaced nodes are put in place, every use of a redirected value (node inputs and graph outputs) reads
     its replacement, and parameters nobody uses any more are dropped. The input graph is never modified.
+    Calibrated ranges survive only for values whose computation the batch cannot have changed (see `apply`).
     """
 
     def __init__(self, graph: Graph) -> None:
@@ -127,7 +128,12 @@ class Edit:
         self._new_weights[name] = array
 
     def apply(self) -> Graph:
-        """The rewritten graph (the input graph itself if nothing was recorded)."""
+        """The rewritten graph (the input graph itself if nothing was recorded).
+
+        A calibrated range is kept only if its value still exists and is not downstream of a change: outputs of
+        replaced nodes (even under a reused name) and of every node reading, directly or not, one of them or a
+        parameter given a new value lose their range, so a stale range can never reach quantization.
+        """
         g = self.graph
         if self.empty:
             return g
@@ -140,7 +146,11 @@ class Edit:
         ptypes.update((k, TensorType.of(v)) for k, v in self._new_weights.items())
         weights = {**g.weights, **self._new_weights}
         outputs = tuple(self.resolve(o) for o in g.outputs)
-        return Graph(g.name, g.inputs, outputs, tuple(nodes), ptypes, weights).drop_unused_params()
+        out = Graph(g.name, g.inputs, outputs, tuple(nodes), ptypes, weights, g.calibration)
+        if out.calibration:
+            changed = set(self._new_weights) | {o for ms in self._replace.values() for m in ms for o in m.outputs}
+            out = out.replace(calibration=out.calibration_without(changed)).drop_stale_calibration()
+        return out.drop_unused_params()
 
 
 def replace_uses(g: Graph, old: str, new: str) -> Graph:
@@ -179,14 +189,16 @@ def eliminate_dead_code(g: Graph) -> tuple[Graph, int]:
 
 
 def rename_values(g: Graph, renames: dict[str, str]) -> Graph:
-    """`g` with single-output nodes renamed (their output value -> new name), every use following."""
+    """`g` with single-output nodes renamed (their output value -> new name); uses and calibrated ranges follow."""
     if not renames:
         return g
     nodes = []
     for n in g.nodes:
         ins = tuple(renames.get(i, i) for i in n.inputs)
         nodes.append(n.replace(name=renames.get(n.name, n.name), inputs=ins))
-    return g.replace(nodes=tuple(nodes), outputs=tuple(renames.get(o, o) for o in g.outputs))
+    calibration = {renames.get(v, v): r for v, r in g.calibration.items()}
+    return g.replace(nodes=tuple(nodes), outputs=tuple(renames.get(o, o) for o in g.outputs),
+                     calibration=calibration)
 
 
 def keep_output_names(before: Graph, after: Graph) -> Graph:

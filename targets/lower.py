@@ -57,10 +57,11 @@ def lowering(*ops: str) -> Callable[[LowerFn], LowerFn]:
 class Lowerer:
     """Walks the graph once, emitting Relax through a BlockBuilder and tracking each value's layout."""
 
-    def __init__(self, graph: Graph, target, plan: LayoutPlan) -> None:
+    def __init__(self, graph: Graph, target, plan: LayoutPlan, target_info=None) -> None:
         from tvm import relax
 
         self.graph, self.target, self.plan = graph, target, plan
+        self.target_info = target_info  # the slimc Target (ISA features), when known
         self.relax = relax
         self.bb = relax.BlockBuilder()
         self.env: dict[str, Val] = {}
@@ -84,6 +85,10 @@ class Lowerer:
         if key not in self._converted:
             self._converted[key] = Val(self._relayout(v, block), block)
         return self._converted[key]
+
+    def in_layout(self, v: Val, block: int):
+        """An unnamed value's expression in the given layout (0 = plain NCHW)."""
+        return v.expr if v.block == block else self._relayout(v, block)
 
     def expr(self, name: str, block: int | None = 0):
         return self.value(name, block).expr
@@ -139,10 +144,12 @@ class Lowerer:
 
 
 def lower(graph: Graph, target, plan: LayoutPlan | None = None):
-    """Lower an fp32 graph to a Relax IRModule with a `main` function taking the graph inputs."""
+    """Lower a graph (fp32, or integer after fold-qdq) to a Relax IRModule with a `main` function taking the graph inputs."""
     if plan is None:
         plan = default_plan(target)
-    return Lowerer(graph, target.tvm() if hasattr(target, "tvm") else target, plan).run()
+    if hasattr(target, "tvm"):
+        return Lowerer(graph, target.tvm(), plan, target).run()
+    return Lowerer(graph, target, plan).run()
 
 
 def default_plan(target) -> LayoutPlan:
@@ -227,7 +234,7 @@ def depthwise_nchwc_te(data, kernel, stride: Sequence[int], dilation: Sequence[i
         name="depthwise_conv2d_NCHWc")
 
 
-def _spatial_pad(lw: Lowerer, x, padding: Sequence[int], rank: int):
+def _spatial_pad(lw: Lowerer, x, padding: Sequence[int], rank: int, value: float = 0.0):
     """Padding as its own op (keeps the conv's loads simple for vectorization/tensorization)."""
     from tvm.relax import op as R
 
@@ -235,7 +242,7 @@ def _spatial_pad(lw: Lowerer, x, padding: Sequence[int], rank: int):
     if not any(padding):
         return x
     widths = [0, 0, 0, 0, top, bottom, left, right] + ([0, 0] if rank == 5 else [])
-    return lw.bb.emit(R.nn.pad(x, widths))
+    return lw.bb.emit(R.nn.pad(x, widths, "constant", value))
 
 
 @lowering("conv2d")
@@ -492,3 +499,6 @@ def _resize(lw: Lowerer, n: Node):
         y = R.image.resize2d(lw.expr(n.inputs[0]), tuple(a["size"]), method="linear",
                              coordinate_transformation_mode=mode)
     return [lw.emit(y)]
+
+
+from slimc.targets import lower_quant  # noqa: E402,F401  (registers the quantization ops' lowerings)

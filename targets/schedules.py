@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 CONV_BLOCK = "conv2d_NCHWc"
+CONV_INT8_BLOCK = "conv2d_NCHWc_int8"
+CONV_DOT_BLOCK = "conv2d_NCHWc_dot"  # s8 x s8 -> s32 conv for AArch64 sdot (targets/lower_arm.py)
 DEPTHWISE_BLOCK = "depthwise_conv2d_NCHWc"
 SCHEDULED_ATTR = "tirx.is_scheduled"
 
@@ -92,6 +94,86 @@ def _schedule_conv(sch, names: list[str], vector_registers: int) -> None:
     _vectorize_tile(sch, conv, ic_o, lp["ocb"], tile_loops, (n, co, h), cb, wi)
 
 
+def _schedule_conv_int8(sch, names: list[str], vector_registers: int) -> None:
+    """u8 x s8 -> s32 conv: the register tile's innermost 16 channels x 4 inputs is one vpdpbusd."""
+    from slimc.targets.intrinsics import VNNI_16x4, register_int8_intrinsics
+
+    register_int8_intrinsics()
+    conv = sch.get_sblock(CONV_INT8_BLOCK)
+    extents = [int(sch.get(lp).extent) for lp in sch.get_loops(conv)]
+    _, oc_chunks, _, out_w, oc_block, kh, kw, ic_outer, ic_f, lanes = extents
+    tile = conv_tile(out_w, oc_chunks, vector_registers)
+    out = _epilogue(sch, conv, names)
+    n, c, h, w, cb = sch.get_loops(out)
+    co, ci = sch.split(c, [None, tile.oc_tiles])
+    wo, wi = sch.split(w, [None, tile.reg_w])
+    sch.reorder(n, co, h, wo, ci, wi, cb)
+    sch.compute_at(conv, wo)
+    lp = _named_loops_below(sch, conv, wo, [("c_i", tile.oc_tiles), ("w_i", tile.reg_w), ("ocb", oc_block),
+                                            ("kh", kh), ("kw", kw), ("ic_o", ic_outer), ("ic_f", ic_f),
+                                            ("lanes", lanes)])
+    if "ocb" not in lp or "lanes" not in lp:
+        raise ValueError("no 16x4 dot-product block")
+    reduce = [lp[k] for k in ("ic_o", "kh", "kw", "ic_f") if k in lp]
+    tile_loops = [lp[k] for k in ("c_i", "w_i") if k in lp]
+    sch.reorder(*reduce, *tile_loops, lp["ocb"], lp["lanes"])
+    sch.parallel(sch.fuse(n, co, h))
+    for loop in tile_loops:
+        sch.unroll(loop)
+    sch.vectorize(cb)
+    sch.unroll(wi)
+    init = sch.decompose_reduction(conv, reduce[0])
+    loops = sch.get_loops(init)
+    sch.vectorize(loops[-1])
+    for loop in loops[-1 - len(tile_loops):-1]:
+        sch.unroll(loop)
+    sch.tensorize(sch.get_loops(conv)[-2], VNNI_16x4)
+
+
+NEON_REGISTERS = 32  # AArch64 has 32 128-bit vector registers, whatever the caller assumed for fp32
+
+
+def _schedule_conv_dot(sch, names: list[str], vector_registers: int) -> None:
+    """s8 x s8 -> s32 conv on AArch64: each 4 output channels x 4 input lanes of the register tile is one sdot.
+
+    `vector_registers` is ignored: the tile is sized for NEON's 32 registers, half of them accumulators (each
+    output column holds ob/4 int32x4 vectors), as in `conv_tile`.
+    """
+    from slimc.targets.intrinsics import SDOT_4x4, register_arm_intrinsics
+
+    register_arm_intrinsics()
+    conv = sch.get_sblock(CONV_DOT_BLOCK)
+    extents = [int(sch.get(lp).extent) for lp in sch.get_loops(conv)]
+    _, oc_chunks, _, out_w, oc_block, ic_outer, kh, kw, ic_f, lanes = extents
+    if lanes != 4 or oc_block % 4:
+        raise ValueError(f"no 4x4 dot-product block in a {oc_block}-channel x {lanes}-lane conv")
+    tile = conv_tile(out_w, oc_chunks, NEON_REGISTERS * 4 // oc_block)
+    out = _epilogue(sch, conv, names)
+    n, c, h, w, cb = sch.get_loops(out)
+    co, ci = sch.split(c, [None, tile.oc_tiles])
+    wo, wi = sch.split(w, [None, tile.reg_w])
+    sch.reorder(n, co, h, wo, ci, wi, cb)
+    sch.compute_at(conv, wo)
+    lp = _named_loops_below(sch, conv, wo, [("c_i", tile.oc_tiles), ("w_i", tile.reg_w), ("ocb", oc_block),
+                                            ("ic_o", ic_outer), ("kh", kh), ("kw", kw), ("ic_f", ic_f),
+                                            ("lanes", lanes)])
+    ocb_o, ocb_i = sch.split(lp["ocb"], [None, 4])
+    reduce = [lp[k] for k in ("ic_o", "kh", "kw", "ic_f") if k in lp]
+    tile_loops = [lp[k] for k in ("c_i", "w_i") if k in lp] + [ocb_o]
+    sch.reorder(*reduce, *tile_loops, ocb_i, lp["lanes"])
+    sch.parallel(sch.fuse(n, co, h))
+    for loop in tile_loops:
+        sch.unroll(loop)
+    sch.vectorize(cb)
+    sch.unroll(wi)
+    init = sch.decompose_reduction(conv, (reduce or tile_loops)[0])
+    loops = sch.get_loops(init)
+    sch.vectorize(loops[-1])
+    for loop in loops[-1 - len(tile_loops):-1]:
+        sch.unroll(loop)
+    sch.tensorize(sch.get_loops(conv)[-2], SDOT_4x4)
+
+
 def _schedule_depthwise(sch, names: list[str], vector_registers: int) -> None:
     dw = sch.get_sblock(DEPTHWISE_BLOCK)
     _, _, _, out_w, block, kh, kw = [int(sch.get(lp).extent) for lp in sch.get_loops(dw)]
@@ -136,7 +218,9 @@ def schedule_func(func, vector_registers: int = 32):
         names = [sch.get(b).name_hint for b in sch.get_child_blocks(root)]
     except errors:
         return None
-    for block, fn in ((CONV_BLOCK, _schedule_conv), (DEPTHWISE_BLOCK, _schedule_depthwise)):
+    for block, fn in ((CONV_BLOCK, _schedule_conv), (CONV_INT8_BLOCK, _schedule_conv_int8),
+                      (CONV_DOT_BLOCK, _schedule_conv_dot),
+                      (DEPTHWISE_BLOCK, _schedule_depthwise)):
         if block in names:
             names = names[names.index(block):]
             try:

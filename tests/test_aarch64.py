@@ -1,6 +1,7 @@
 """AArch64 artifacts: cross-compile a tiny CNN, check the ELF, `slimc verify --qemu` it in the cached arm64 rootfs."""
 
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -187,3 +188,137 @@ def test_missing_tools_name_the_make_target(monkeypatch):
 
     with pytest.raises(build.BuildError, match=r"make cross-tools.*g\+\+-aarch64-linux-gnu"):
         build.export_library(object(), "/nonexistent/model.so", Arm())
+
+
+# ---- int8 on +dotprod: qconv2d/qdense lowered to s8 x s8 -> s32 convs tensorized into sdot ------------------------
+
+ARM_DOTPROD = ("aarch64-linux-gnu", None, "+neon,+dotprod")
+
+
+def dot_shapes_net():
+    """Every sdot layout case: 5 inputs (lane padding), 12/24 outputs (4- and 8-channel blocks), stride, dilation,
+    zero points 0 and not, a 1x1 conv to 30 channels (output padding), a dense over 3 rows, 30 -> 10."""
+    import torch
+    from torch import nn
+
+    class DotShapes(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(5, 12, 3, stride=2, padding=1)
+            self.b = nn.Conv2d(12, 24, 3, padding=2, dilation=2)
+            self.c = nn.Conv2d(24, 30, 1)
+            self.fc = nn.Linear(30, 10)
+
+        def forward(self, x):
+            y = torch.relu(self.b(torch.relu(self.a(x))))
+            return self.fc(self.c(y).mean((2, 3)))
+
+    torch.manual_seed(0)
+    return DotShapes().eval()
+
+
+def int8_graph(model, x: np.ndarray, batch: int):
+    """The model for `batch` rows, quantized with min-max ranges calibrated by hand on `x`, folded into integer ops."""
+    import torch
+
+    from slimc.frontend.torch import from_torch
+    from slimc.pass_manager import PassManager
+    from test_quant_pipeline import min_max_ranges
+
+    g = from_torch(model, (torch.from_numpy(x[:batch]),), name="int8")
+    g, _ = PassManager("canonicalize,fold-bn,fuse-act").run(g)
+    g, _ = PassManager("quantize,fold-qdq").run(g.replace(calibration=min_max_ranges(g, x)))
+    assert {n.op for n in g.nodes} >= {"qconv2d", "qdense"}
+    return g
+
+
+@pytest.fixture(scope="module")
+def dot_shapes():
+    x = (np.random.default_rng(0).standard_normal((6, 5, 12, 12)) + 0.7).astype(np.float32)
+    return int8_graph(dot_shapes_net(), x, 3), x[:3]
+
+
+def _dot_funcs(mod) -> list[str]:
+    from slimc.targets.schedules import CONV_DOT_BLOCK
+
+    return [gv.name_hint for gv in mod.functions if CONV_DOT_BLOCK in gv.name_hint]
+
+
+def test_dotprod_lowering_is_exact_on_the_host(dot_shapes):
+    """The s8 shift, bias correction and packed layouts, run natively (the sdot conv left unscheduled)."""
+    import tvm
+    from tvm import relax
+
+    from slimc import interpreter
+    from slimc.targets.lower import Lowerer, default_plan
+    from slimc.targets.triple import resolve
+    from slimc.targets.tune import prepare
+
+    g, x = dot_shapes
+    arm, host = resolve(*ARM_DOTPROD), resolve("native")
+    mod = prepare(Lowerer(g, host.tvm(), default_plan(arm), arm).run(), host.tvm())
+    assert len(_dot_funcs(mod)) == 4  # three convs and the dense
+    vm = relax.VirtualMachine(tvm.compile(mod, host.tvm()), tvm.cpu())
+    np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), interpreter.run(g, [x])[0])
+
+
+def test_dotprod_template_tensorizes_every_dot_conv_into_sdot(dot_shapes):
+    import tvm
+
+    from slimc.targets.lower import lower
+    from slimc.targets.schedules import apply_templates
+    from slimc.targets.triple import resolve
+    from slimc.targets.tune import prepare
+
+    g, _ = dot_shapes
+    arm = resolve(*ARM_DOTPROD)
+    mod = prepare(lower(g, arm), arm.tvm())
+    dot = _dot_funcs(mod)
+    mod, scheduled = apply_templates(mod, arm)
+    assert len(dot) == 4 and set(dot) <= set(scheduled), (dot, scheduled)
+    for name in dot:  # the 4x4 blocks became the intrinsic's LLVM call
+        assert "call_llvm_pure_intrin" in mod[name].script(), name
+    asm = tvm.compile(mod, arm.tvm()).mod.imports[0].inspect_source("s")
+    assert len(re.findall(r"\ssdot\s", asm)) >= 4
+    # without +dotprod the same graph keeps the generic integer kernels
+    neon = resolve("aarch64-linux-gnu", None, "+neon")
+    assert not _dot_funcs(prepare(lower(g, neon), neon.tvm()))
+
+
+@pytest.fixture(scope="module")
+def int8_arm_artifact(tmp_path_factory) -> str:
+    """tiny_models.quant_net quantized by hand, cross-compiled for +neon,+dotprod with templates and no tuning."""
+    import tiny_models
+    import torch
+
+    from slimc import interpreter
+    from slimc.compile import compile_graph
+    from slimc.models import LoadedModel
+    from slimc.targets.triple import resolve
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 32, 32).numpy()
+    g = int8_graph(tiny_models.quant_net(), x, 1)
+    work = tmp_path_factory.mktemp("arm-int8")
+    loaded = LoadedModel("tiny_models:quant_net", g, lambda inputs: interpreter.run(g, list(inputs)), "slimc IR")
+    result = compile_graph(loaded, "quantize,fold-qdq", g, [], target=resolve(*ARM_DOTPROD), mcpu=None, mattr=None,
+                           trials=0, tune_db=str(work / "db"), tune_ops=None, measure=False, out_dir=str(work / "art"),
+                           sample=[x[:1]], log=lambda msg: None)
+    assert result.meta["target"]["int8_dot"] == "dotprod"
+    return result.out_dir
+
+
+@needs_cross_tools
+def test_int8_dotprod_library_has_sdot_and_is_exact_under_qemu(int8_arm_artifact):
+    from slimc.targets.asm import count_int8_dot
+    from slimc.targets.triple import resolve
+
+    lib = os.path.join(int8_arm_artifact, "model.so")
+    assert elf_machine(lib) == EM_AARCH64
+    counts = count_int8_dot(lib, resolve(*ARM_DOTPROD))  # aarch64-linux-gnu-objdump -d
+    assert counts["sdot"] + counts["udot"] > 0, counts
+    p = slimc("verify", int8_arm_artifact, "--qemu")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "run on qemu-aarch64" in p.stdout
+    # bit-exact: the integer kernels and the float epilogue round exactly as the IR interpreter does
+    assert "max abs error 0.00e+00" in p.stdout and "OK: max error 0.00e+00" in p.stdout, p.stdout

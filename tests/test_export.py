@@ -133,27 +133,93 @@ graph @static(%x: f32[2,3,8,8]) {
 }
 """
 
-GRAPHS = {"cnn": CNN, "seq": SEQ, "static": STATIC}
+QUANT = """\
+graph @quant(%x: f32[N,4,6,6], %h: f32[N,3,8]) {
+  param %x_scale: f32[]
+  param %x_zp: u8[]
+  param %w1: i8[8,4,3,3]
+  param %b1: i32[8]
+  param %s1: f32[8]
+  param %w2: i8[8,1,3,3]
+  param %b2: i32[8]
+  param %s2: f32[8]
+  param %w3: i8[8,8,3,3]
+  param %b3: i32[8]
+  param %s3: f32[8]
+  param %c_scale: f32[8]
+  param %c_zp: i8[8]
+  param %h_scale: f32[8]
+  param %h_zp: u8[8]
+  param %fw: i8[5,8]
+  param %fb: i32[5]
+  param %fs: f32[5]
+  param %a_scale: f32[]
+  param %a_zp: u8[]
+  %q: u8[N,4,6,6] = quantize(%x, %x_scale, %x_zp)
+  %c1: u8[N,8,6,6] = qconv2d(%q, %w1, %b1, %s1) {act="relu", out_dtype="uint8", out_scale=0.05, out_zero_point=3, padding=[1,1,1,1], x_zero_point=128}
+  %c2: i8[N,8,3,3] = qconv2d(%c1, %w2, %b2, %s2) {act="relu6", groups=8, out_dtype="int8", out_scale=0.04, out_zero_point=-10, padding=[0,0,1,1], stride=[2,2], x_zero_point=3}
+  %c3: f32[N,8,3,3] = qconv2d(%c2, %w3, %b3, %s3) {act="clip", clip_max=2.0, clip_min=-1.5, dilation=[2,2], padding=[2,2,2,2], x_zero_point=-10}
+  %pc: i8[N,8,3,3] = quantize(%c3, %c_scale, %c_zp)
+  %dc: f32[N,8,3,3] = dequantize(%pc, %c_scale, %c_zp)
+  %qh: u8[N,3,8] = quantize(%h, %h_scale, %h_zp) {axis=-1}
+  %d: i8[N,3,5] = qdense(%qh, %fw, %fb, %fs) {out_dtype="int8", out_scale=0.03, out_zero_point=2}
+  %d2: f32[N,3,5] = qdense(%qh, %fw, %fb, %fs) {act="sigmoid"}
+  %a: u8[N,8,3,3] = qadd(%pc, %c2) {a_scale=0.03, a_zero_point=1, act="relu", b_scale=0.04, b_zero_point=-10, out_dtype="uint8", out_scale=0.06}
+  %dq: f32[N,8,3,3] = dequantize(%a, %a_scale, %a_zp)
+  return %dc, %d, %d2, %dq, %c1, %c2, %a
+}
+"""
+
+GRAPHS = {"cnn": CNN, "seq": SEQ, "static": STATIC, "quant": QUANT}
 OPSETS = [11, 13, 17, 18, 21]
 
 
 def load_graph(name: str, seed: int = 0) -> ir.Graph:
-    """Parse an IR text and attach deterministic weights (positive variances, exponent 2)."""
+    """Parse an IR text and attach deterministic weights (positive variances, exponent 2, sane quantization)."""
     g = ir.parse_graph(GRAPHS[name])
     rng = np.random.default_rng(seed)
     weights = {k: rng.standard_normal(t.shape).astype(t.dtype) for k, t in g.param_types.items()}
     weights.update({k: np.abs(v) + 0.5 for k, v in weights.items() if k.endswith("_v")})
     if "two" in weights:
         weights["two"] = np.asarray(2.0, np.float32)
+    weights.update(quant_weights(g, rng))
     g = g.replace(weights=weights)
     g.verify()
     return g
 
 
+def quant_weights(g: ir.Graph, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Weights of the quantized ops that keep values on-grid: positive scales, zero points inside the type, small
+    int8 weights with a bias cancelling x_zero_point (as fold-qdq makes) and scales of about one output unit."""
+    out: dict[str, np.ndarray] = {}
+    for n in g.nodes:
+        if n.op in ("quantize", "dequantize"):
+            s, z = n.inputs[1:]
+            zt = g.type_of(z)
+            lo, hi = (100, 150) if zt.dtype == "uint8" else (-20, 20)
+            out.setdefault(s, rng.uniform(0.005, 0.03, g.type_of(s).shape).astype(np.float32))
+            out.setdefault(z, rng.integers(lo, hi, zt.shape).astype(zt.dtype))
+        elif n.op in ("qconv2d", "qdense"):
+            w, bias, scale = n.inputs[1:]
+            shape = g.type_of(w).shape
+            wt = rng.integers(-8, 9, shape).astype(np.int8)
+            fan_in = int(np.prod(shape[1:]))
+            out[w] = wt
+            out[bias] = (-n.attrs["x_zero_point"] * wt.reshape(shape[0], -1).astype(np.int32).sum(1)
+                         + rng.integers(-50, 50, shape[0])).astype(np.int32)
+            out[scale] = (rng.uniform(0.5, 1.5, shape[0]) / (8 * fan_in)).astype(np.float32)
+    return out
+
+
 def assert_close(ours: list[np.ndarray], theirs: list[np.ndarray], rtol: float = 2e-5) -> None:
+    """Float outputs within rtol of the largest value; integer (quantized) outputs equal, of the same type."""
     assert len(ours) == len(theirs)
     for a, b in zip(ours, theirs):
         assert a.shape == b.shape
+        if np.issubdtype(b.dtype, np.integer):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+            continue
         np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * max(float(np.abs(b).max()), 1.0))
 
 
@@ -218,6 +284,124 @@ def test_onnx_round_trip_through_the_frontend():
     back = from_onnx(export.to_onnx(g, opset=18), input_shapes={"x": (2, 4, 6), "y": (2, 6, 5)})
     xs = interpreter.example_inputs(g, batch=2)
     assert_close(interpreter.run(back, xs), interpreter.run(g, xs))
+
+
+# ---- quantized ops ------------------------------------------------------------------------------
+
+QDQ = """\
+graph @qdq(%x: f32[2,3,600], %y: f64[2,3,600]) {
+  param %s: f32[]
+  param %z: u8[]
+  param %cs: f32[3]
+  param %cz: i8[3]
+  %q: u8[2,3,600] = quantize(%x, %s, %z)
+  %dq: f32[2,3,600] = dequantize(%q, %s, %z)
+  %qc: i8[2,3,600] = quantize(%x, %cs, %cz) {axis=1}
+  %dqc: f32[2,3,600] = dequantize(%qc, %cs, %cz) {axis=-2}
+  %q64: u8[2,3,600] = quantize(%y, %s, %z)
+  return %q, %dq, %qc, %dqc, %q64
+}
+"""
+
+
+def _qdq_inputs(scales: np.ndarray) -> np.ndarray:
+    """Random values, exact ties (k + 0.5) * scale of every channel, and values far outside both 8-bit ranges."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-4, 8, (2, 3, 600)).astype(np.float32)
+    x[..., :200] = ((rng.integers(-300, 300, (2, 3, 200)) + 0.5) * scales.reshape(1, 3, 1)).astype(np.float32)
+    x[..., 200:206] = np.array([1e4, -1e4, 0.0, -0.0, 3e38, -3e38], np.float32)
+    return x
+
+
+@pytest.mark.parametrize("opset", [11, 12, 13, 21])
+def test_quantize_dequantize_round_half_even_and_saturate_like_onnxruntime(opset):
+    g = ir.parse_graph(QDQ)
+    cs = np.array([0.25, 0.125, 0.0371], np.float32)  # powers of two make the ties exact
+    g = g.replace(weights={"s": np.float32(0.25), "z": np.uint8(7), "cs": cs, "cz": np.array([-3, 0, 5], np.int8)})
+    x = _qdq_inputs(cs)
+    assert np.sum(np.modf(x[:, :2, :200] / cs[:2].reshape(1, 2, 1))[0] == 0.5) > 100  # the ties are there
+    model = export.to_onnx(g, opset=opset)
+    types = [n.op_type for n in model.graph.node]
+    per_axis_nodes = 1 if opset >= export.PER_AXIS_OPSET else 0
+    assert types.count("QuantizeLinear") == 2 + per_axis_nodes and types.count("DequantizeLinear") == 1 + per_axis_nodes
+    assert ("Round" in types) == (opset < export.PER_AXIS_OPSET)
+    feeds = {"x": x, "y": x.astype(np.float64)}
+    ours = interpreter.run(g, [x, feeds["y"]])
+    assert_close(ours, ort_session(model).run(None, feeds), rtol=0.0)
+    q, qc = ours[0], ours[2]
+    assert {0, 255} <= set(np.unique(q)) and {-128, 127} <= set(np.unique(qc))  # saturation was exercised
+
+
+def test_qdq_round_trip_through_the_frontend():
+    """QuantizeLinear/DequantizeLinear written at opset 13 import back as the same ops with the same values."""
+    g = ir.parse_graph(QDQ)
+    cs = np.array([0.25, 0.125, 0.0371], np.float32)
+    g = g.replace(weights={"s": np.float32(0.25), "z": np.uint8(7), "cs": cs, "cz": np.array([-3, 0, 5], np.int8)})
+    g = g.with_nodes([n for n in g.nodes if n.name != "q64"], outputs=("q", "dq", "qc", "dqc"))
+    g = g.replace(inputs=g.inputs[:1])
+    back = from_onnx(export.to_onnx(g, opset=13))
+    assert [n.op for n in back.nodes] == [n.op for n in g.nodes]
+    assert [n.attrs["axis"] for n in back.nodes[2:]] == [1, 1]
+    x = _qdq_inputs(cs)
+    assert_close(interpreter.run(back, [x]), interpreter.run(g, [x]), rtol=0.0)
+
+
+EXTREMES = """\
+graph @extremes(%x: u8[2,128,5,5], %xs: i8[2,128,5,5], %v: u8[3,1152], %vs: i8[3,1152]) {
+  param %w: i8[16,128,3,3]
+  param %b: i32[16]
+  param %s: f32[16]
+  param %fw: i8[6,1152]
+  param %fb: i32[6]
+  param %fs: f32[6]
+  %c: f32[2,16,5,5] = qconv2d(%x, %w, %b, %s) {padding=[1,1,1,1], x_zero_point=255}
+  %cs: f32[2,16,5,5] = qconv2d(%xs, %w, %b, %s) {padding=[1,1,1,1], x_zero_point=-128}
+  %d: f32[3,6] = qdense(%v, %fw, %fb, %fs)
+  %ds: f32[3,6] = qdense(%vs, %fw, %fb, %fs)
+  return %c, %cs, %d, %ds
+}
+"""
+
+
+def test_integer_layers_accumulate_exactly_at_the_extremes():
+    """Sums of 1152 products of 255 x +-127 pass 2^24 (a float32 conv rounds them) and saturate int16 pair sums
+    (ORT's u8 x s8 kernels without VNNI); the export must still give the interpreter's exact int32 result."""
+    g = ir.parse_graph(EXTREMES)
+    rng = np.random.default_rng(3)
+
+    def extreme(shape, lo, hi, dtype):
+        return np.where(rng.random(shape) < 0.8, hi, rng.integers(lo, hi + 1, shape)).astype(dtype)
+
+    g = g.replace(weights={"w": extreme((16, 128, 3, 3), -128, 127, np.int8), "b": rng.integers(-9, 9, 16, np.int32),
+                           "s": np.full(16, 1e-3, np.float32), "fw": extreme((6, 1152), -128, 127, np.int8),
+                           "fb": rng.integers(-9, 9, 6, np.int32), "fs": np.full(6, 1e-3, np.float32)})
+    xs = [extreme((2, 128, 5, 5), 0, 255, np.uint8), -extreme((2, 128, 5, 5), -127, 128, np.int16).astype(np.int8),
+          extreme((3, 1152), 0, 255, np.uint8), extreme((3, 1152), -128, 127, np.int8)]
+    ours = interpreter.run(g, xs)
+    assert float(np.abs(ours[0]).max()) > 2**24 * 1e-3
+    model = export.to_onnx(g, opset=13)
+    types = {n.op_type for n in model.graph.node}
+    assert {"ConvInteger", "MatMulInteger"} <= types and not types & {"Conv", "MatMul", "Gemm"}
+    theirs = ort_session(model).run(None, dict(zip(g.input_names, xs)))
+    for a, b in zip(ours, theirs):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_qconv2d_padding_zero_point_outside_the_input_type_is_an_export_error():
+    text = """\
+graph @zp(%x: u8[1,2,4,4]) {
+  param %w: i8[3,2,3,3]
+  param %b: i32[3]
+  param %s: f32[3]
+  %c: f32[1,3,4,4] = qconv2d(%x, %w, %b, %s) {padding=[1,1,1,1], x_zero_point=-3}
+  return %c
+}
+"""
+    g = ir.parse_graph(text)
+    g = g.replace(weights={"w": np.ones((3, 2, 3, 3), np.int8), "b": np.zeros(3, np.int32),
+                           "s": np.ones(3, np.float32)})
+    with pytest.raises(ExportError, match=r"node c \(qconv2d\).*x_zero_point=-3 does not fit the uint8 input"):
+        export.to_onnx(g)
 
 
 def test_to_onnx_writes_file(tmp_path):
@@ -318,7 +502,7 @@ def test_to_pt2_loads_without_slimc_and_matches(tmp_path):
     for (path, tag), outs in expected.items():
         got = [np.load(f"{path}.{tag}.out{i}.npy") for i in range(len(outs))]
         assert_close(got, outs, rtol=1e-5)
-    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt2")) == ["cnn.pt2", "seq.pt2", "static.pt2"]
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt2")) == sorted(f"{n}.pt2" for n in GRAPHS)
 
 
 def test_isolated_python_really_cannot_import_slimc(tmp_path):

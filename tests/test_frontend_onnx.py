@@ -80,7 +80,8 @@ def test_table_is_one_registry_covering_the_brief():
                 "Transpose", "Pad", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean", "Softmax",
                 "Resize", "Upsample", "LayerNormalization", "Gelu", "Erf", "HardSwish", "HardSigmoid", "Sigmoid",
                 "Relu", "Tanh", "Add", "Sub", "Mul", "Div", "Pow", "Concat", "Identity", "Dropout", "Constant",
-                "Shape", "Gather", "Unsqueeze", "Squeeze", "Cast", "ConstantOfShape", "Range"}
+                "Shape", "Gather", "Unsqueeze", "Squeeze", "Cast", "ConstantOfShape", "Range", "QuantizeLinear",
+                "DequantizeLinear"}
     assert required <= set(supported_ops())
     assert all(rule.convert or rule.fold for rule in TABLE.values())
 
@@ -548,6 +549,175 @@ def test_symbolic_spatial_dims_need_input_shapes():
     assert from_onnx(m, {"x": (2, 3, 7, 9)}).inputs[0][1].shape == (2, 3, 7, 9)
     assert from_onnx(m, [(1, 3, 5, 5)]).inputs[0][1].shape == (1, 3, 5, 5)
     assert from_onnx(m, (4, 3, 5, 5)).inputs[0][1].shape == (4, 3, 5, 5)
+
+
+# ---- quantization ---------------------------------------------------------------------------------
+
+U8, I8 = TensorProto.UINT8, TensorProto.INT8
+
+
+def typed_model(nodes, inputs, outputs, inits=None, opset: int = 17) -> onnx.ModelProto:
+    """Like make_model, with (name, shape, elem type) inputs and outputs."""
+    graph = helper.make_graph(nodes, "t", [vi(n, s, e) for n, s, e in inputs], [vi(n, s, e) for n, s, e in outputs],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in (inits or {}).items()])
+    opsets = [helper.make_opsetid("", opset)]
+    m = helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
+    onnx.checker.check_model(m)
+    return m
+
+
+def quant_input(shape: tuple[int, ...], scale: float) -> np.ndarray:
+    """Random values (saturating some), with a third of them exact ties (k + 0.5) * scale for a power-of-two scale."""
+    rng = np.random.default_rng(7)
+    x = rng.uniform(-300 * scale, 300 * scale, shape).astype(np.float32)
+    ties = rng.random(shape) < 0.3
+    x[ties] = ((rng.integers(-100, 100, int(ties.sum())) + 0.5) * scale).astype(np.float32)
+    return x
+
+
+@pytest.mark.parametrize("opset,scale,zp,axis", [
+    (10, 0.25, np.uint8(100), None), (13, 0.25, np.int8(-3), None), (13, 0.125, None, None),
+    (17, np.full(1, 0.25, np.float32), np.full(1, 7, np.uint8), None),  # a 1-element 1-D scale is per tensor
+    (13, np.array([0.25, 0.5, 0.125], np.float32), np.array([0, 9, -9], np.int8), 1),
+    (21, np.array([0.25, 0.5, 0.125, 1.0], np.float32), np.array([1, 2, 250, 128], np.uint8), -1)])
+def test_quantize_dequantize_linear(opset, scale, zp, axis):
+    """QuantizeLinear -> DequantizeLinear equal ONNX Runtime exactly: ties to even, saturation, per axis."""
+    scale = np.asarray(scale, np.float32)
+    inits = {"s": scale} | ({} if zp is None else {"z": np.asarray(zp)})
+    qdq_in = ["s"] + ([] if zp is None else ["z"])
+    attrs = {} if axis is None else {"axis": axis}
+    q_elem = U8 if zp is None or np.asarray(zp).dtype == np.uint8 else I8
+    nodes = [helper.make_node("QuantizeLinear", ["x", *qdq_in], ["q"], **attrs),
+             helper.make_node("DequantizeLinear", ["q", *qdq_in], ["y"], **attrs)]
+    shape = (2, 3, 5, 4)
+    m = typed_model(nodes, [("x", shape, F)], [("q", shape, q_elem), ("y", shape, F)], inits, opset)
+    x = quant_input(shape, float(scale.min()))
+    g = compare(m, {"x": x}, rtol=0.0)
+    assert ops_of(g) == ["quantize", "dequantize"]
+    s_t, z_t = (g.type_of(v) for v in g.nodes[0].inputs[1:])
+    assert s_t.shape == z_t.shape == (() if scale.size == 1 else (scale.size,))
+    assert z_t.dtype == ("uint8" if q_elem == U8 else "int8")
+    assert g.nodes[0].inputs[1:] == g.nodes[1].inputs[1:]  # the Q and its DQ share their parameters
+    q = interpreter.run(g, [x])[0]
+    lo, hi = (0, 255) if q_elem == U8 else (-128, 127)
+    assert {lo, hi} <= set(np.unique(q).tolist())
+
+
+def test_quantize_linear_output_dtype_without_zero_point():
+    """Opset 21: without a zero point, output_dtype says the type (int8 here); the zero point is 0 of it."""
+    node = helper.make_node("QuantizeLinear", ["x", "s"], ["q"], output_dtype=I8)
+    m = typed_model([node], [("x", (2, 6), F)], [("q", (2, 6), I8)], {"s": np.float32(0.5)}, 21)
+    g = compare(m, {"x": quant_input((2, 6), 0.5)}, rtol=0.0)
+    assert g.type_of(g.nodes[0].inputs[2]).dtype == "int8"
+
+
+def test_qdq_weights_and_int32_bias_fold_to_constants():
+    """A float weight quantized in the graph becomes an int8 parameter behind a dequantize (what fold-qdq reads); the
+    int32 bias dequantized with x_scale * w_scale folds into a float32 parameter."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    w_scale = (np.abs(w).reshape(4, -1).max(1) / 127).astype(np.float32)
+    x_scale = np.float32(0.02)
+    inits = {"w": w, "w_s": w_scale, "w_z": np.zeros(4, np.int8), "x_s": x_scale, "x_z": np.uint8(128),
+             "b_q": rng.integers(-3000, 3000, 4).astype(np.int32), "b_s": (x_scale * w_scale).astype(np.float32),
+             "b_z": np.zeros(4, np.int32)}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_s", "x_z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "x_s", "x_z"], ["xd"]),
+             helper.make_node("QuantizeLinear", ["w", "w_s", "w_z"], ["wq"], axis=0),
+             helper.make_node("DequantizeLinear", ["wq", "w_s", "w_z"], ["wd"], axis=0),
+             helper.make_node("DequantizeLinear", ["b_q", "b_s", "b_z"], ["bd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd", "bd"], ["y"], pads=[1, 1, 1, 1])]
+    m = typed_model(nodes, [("x", (1, 3, 6, 6), F)], [("y", (1, 4, 6, 6), F)], inits, 13)
+    g = compare(m, {"x": rand(1, 3, 6, 6)}, rtol=1e-5)
+    assert ops_of(g) == ["quantize", "dequantize", "dequantize", "conv2d"]
+    w_dq = g.producer(g.nodes[-1].inputs[1])
+    assert w_dq.op == "dequantize" and w_dq.attrs["axis"] == 0 and g.weight(w_dq.inputs[0]).dtype == np.int8
+    expected_wq = np.clip(np.rint(w / w_scale.reshape(4, 1, 1, 1)), -128, 127).astype(np.int8)
+    np.testing.assert_array_equal(g.weight(w_dq.inputs[0]), expected_wq)
+    bias = g.weight(g.nodes[-1].inputs[2])
+    np.testing.assert_array_equal(bias, inits["b_q"].astype(np.float32) * inits["b_s"])
+
+
+@pytest.mark.parametrize("case,match", [
+    ("runtime_scale", r"input 1 \(scale, 's'\) must be known at import time"),
+    ("int16_zero_point", "zero point is int16; the IR quantizes to uint8 and int8 only"),
+    ("blocked", "blocked quantization"),
+    ("float16_scale", "scale is float16"),
+    ("runtime_int32", "dequantizing a run-time int32 tensor has no IR op")])
+def test_unsupported_quantization_is_refused_naming_the_node(case, match):
+    x = ("x", (2, 4), F)
+    if case == "runtime_scale":
+        m = typed_model([helper.make_node("QuantizeLinear", ["x", "s"], ["q"], name="qn")], [x, ("s", (), F)],
+                        [("q", (2, 4), U8)])
+    elif case == "int16_zero_point":
+        m = typed_model([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="qn")], [x],
+                        [("q", (2, 4), TensorProto.INT16)], {"s": np.float32(0.1), "z": np.int16(0)}, 21)
+    elif case == "blocked":
+        m = typed_model([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="qn", axis=1, block_size=2)],
+                        [x], [("q", (2, 4), U8)],
+                        {"s": np.full((2, 2), 0.1, np.float32), "z": np.zeros((2, 2), np.uint8)}, 21)
+    elif case == "float16_scale":
+        m = typed_model([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="qn")],
+                        [("x", (2, 4), TensorProto.FLOAT16)], [("q", (2, 4), U8)],
+                        {"s": np.float16(0.1), "z": np.uint8(0)}, 19)
+    else:
+        m = typed_model([helper.make_node("DequantizeLinear", ["x", "s"], ["y"], name="qn")],
+                        [("x", (2, 4), TensorProto.INT32)], [("y", (2, 4), F)], {"s": np.float32(0.1)})
+    with pytest.raises(FrontendError, match=match) as e:
+        from_onnx(m)
+    assert "'qn'" in str(e.value) and "\n" not in str(e.value)
+
+
+def _ort_quantized_tiny_cnn(tmp_path) -> tuple[str, np.ndarray]:
+    """tiny_models.convnet exported by slimc and quantized by ORT (static, QDQ, per-channel s8 weights, u8
+    activations, min-max calibrated on 8 random inputs); returns its path and the scale of its output grid."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from tiny_models import convnet
+
+    from slimc.frontend.torch import from_torch
+
+    model = convnet()
+    fp32, int8 = str(tmp_path / "fp32.onnx"), str(tmp_path / "int8.onnx")
+    export.to_onnx(from_torch(model, input_shapes=[model.slimc_input_shape]), fp32, opset=17)
+    rng = np.random.default_rng(0)
+    feeds = iter([{"x": rng.standard_normal(model.slimc_input_shape).astype(np.float32)} for _ in range(8)])
+
+    class Reader(CalibrationDataReader):
+        def get_next(self):
+            return next(feeds, None)
+
+    quantize_static(fp32, int8, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    m = onnx.load(int8)
+    last_q = [n for n in m.graph.node if n.op_type == "QuantizeLinear"][-1]
+    assert last_q.output[0] in {i for n in m.graph.node if n.op_type == "DequantizeLinear" for i in n.input}
+    scales = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    return int8, scales[last_q.input[1]]
+
+
+def test_ort_quantized_tiny_cnn_matches_onnxruntime(tmp_path):
+    """ORT fuses the QDQ model into its own int8 kernels (QLinearConv, QGemm), whose requantization may round
+    differently from the QDQ reference the interpreter computes; the logits must stay within one step of the
+    output grid (on the machine this was written on, they are equal)."""
+    path, step = _ort_quantized_tiny_cnn(tmp_path)
+    g = from_onnx(path)
+    ops = ops_of(g)
+    assert ops.count("conv2d") == 3 and ops.count("quantize") >= 8
+    conv_weights = [g.producer(n.inputs[1]) for n in g.nodes if n.op == "conv2d"]
+    assert all(d.op == "dequantize" and g.weight(d.inputs[0]).dtype == np.int8 for d in conv_weights)
+    rng = np.random.default_rng(1)
+    xs = [2 * rng.standard_normal((1, 16, 16, 16)).astype(np.float32) for _ in range(10)]
+    ours = np.stack([interpreter.run(g, [x])[0] for x in xs])
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        so.intra_op_num_threads = 1
+        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        theirs = np.stack([sess.run(None, {"x": x})[0] for x in xs])
+        diff = float(np.abs(ours - theirs).max())
+        print(f"ORT {level.name}: max |slimc - ORT| = {diff:.6g} = {diff / step:.3g} output steps")
+        assert diff <= step * (1 + 1e-5)
+    assert len(np.unique(ours)) > 20  # the logits are not saturated
 
 
 # ---- bad input ------------------------------------------------------------------------------------

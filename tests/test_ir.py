@@ -36,12 +36,89 @@ def tiny() -> Graph:
     return g.replace(weights={k: rng.standard_normal(t.shape).astype("float32") for k, t in g.param_types.items()})
 
 
-def test_print_parse_round_trip():
-    g = tiny()
+CALIBRATION = {"x": (-2.5, 3.0), "c": (0.0, 0.30000000000000004), "s#1": (-0.1, 7.25), "m": (-1.5e-05, 6.0)}
+
+
+def calibrated() -> Graph:
+    return tiny().replace(calibration=CALIBRATION)
+
+
+@pytest.mark.parametrize("make", [tiny, calibrated])
+def test_print_parse_round_trip(make):
+    g = make()
     g.verify()
     text = ir.print_graph(g)
     assert ir.parse_graph(text) == g
     assert ir.print_graph(ir.parse_graph(text)) == text
+
+
+def test_calibration_text_form_and_equality():
+    g = calibrated()
+    text = ir.print_graph(g)
+    assert "  calib %s#1 [-0.1, 7.25]\n" in text and "  calib %c [0.0, 0.30000000000000004]\n" in text
+    assert ir.parse_graph(text).calibration == CALIBRATION  # repr floats: bit-exact
+    assert g != tiny()  # calibration is part of structural equality
+    assert ir.print_graph(tiny().replace(calibration=dict(reversed(CALIBRATION.items())))) == text  # stable order
+    with pytest.raises(IRError, match="line 13: expected 'calib %value"):
+        ir.parse_graph(text.replace("[-0.1, 7.25]", "[-0.1]"))
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"nope": (0.0, 1.0)}, "not a value of the graph"),
+    ({"w": (0.0, 1.0)}, "a parameter"),
+    ({"c": (2.0, 1.0)}, "lo <= hi"),
+    ({"c": (0.0, float("inf"))}, "finite bounds"),
+])
+def test_verify_checks_calibration_entries(entry, message):
+    with pytest.raises(IRError, match=message):
+        tiny().replace(calibration=entry).verify()
+
+
+def test_calibration_follows_rebuilt_graphs():
+    from slimc import rewrite
+
+    g = calibrated()
+    # with_nodes / replace keep the ranges of values that still exist and drop the others
+    cut = g.with_nodes(g.nodes[:2], outputs=("s#1",))
+    assert cut.calibration == {k: CALIBRATION[k] for k in ("x", "c", "s#1")}
+    cut.verify()
+    assert g.replace(nodes=g.nodes[:1], outputs=("c",)).calibration == {"x": (-2.5, 3.0), "c": CALIBRATION["c"]}
+    assert g.replace(name="other").calibration == CALIBRATION
+    # new weight data makes the ranges computed from it stale; attaching weights to a graph without them does not
+    assert g.replace(weights={**g.weights, "b": g.weights["b"] + 1}).calibration == {"x": (-2.5, 3.0)}
+    assert g.replace(weights=dict(g.weights)).calibration == CALIBRATION
+    bare = ir.parse_graph(ir.print_graph(g))
+    assert bare.replace(weights=g.weights).calibration == CALIBRATION
+    assert g.with_nodes(g.nodes, {**g.weights, "w": -g.weights["w"]}).calibration == {"x": (-2.5, 3.0)}
+    assert g.with_nodes(g.nodes, {**g.weights, "extra": np.ones(2, np.float32)}).calibration == CALIBRATION
+    # renaming a value carries its range
+    renamed = rewrite.rename_values(g, {"m": "out"})
+    assert renamed.calibration["out"] == CALIBRATION["m"] and "m" not in renamed.calibration
+    renamed.verify()
+
+
+def test_edit_drops_ranges_of_values_it_may_change():
+    from slimc.rewrite import Edit
+
+    g = calibrated()
+    # a replaced node (even under its old name) and everything downstream lose their range
+    e = Edit(g)
+    e.replace_node("a", e.make_node("a", "sub", ("s#0", "s#1")))
+    out = e.apply()
+    out.verify()
+    assert out.calibration == {k: CALIBRATION[k] for k in ("x", "c", "s#1")}
+    # a parameter with a new value invalidates every activation computed from it; graph inputs keep theirs
+    e = Edit(g)
+    e.set_param("w", np.zeros((4, 3, 3, 3), np.float32))
+    assert e.apply().calibration == {"x": (-2.5, 3.0)}
+    # removing a node whose uses were redirected to an untouched value keeps the ranges around it
+    e = Edit(g)
+    e.replace_uses("m", "r")
+    e.remove_node("m")
+    out = e.apply()
+    out.verify()
+    assert out.calibration == {k: CALIBRATION[k] for k in ("x", "c", "s#1")}
+    assert Edit(g).apply().calibration == CALIBRATION
 
 
 def test_verify_catches_wrong_type():
@@ -64,11 +141,12 @@ def test_unknown_op_and_attr():
         ops.normalize_attrs("relu", {"alpha": 1.0})
 
 
-def test_save_load(tmp_path):
-    g = tiny()
+@pytest.mark.parametrize("make", [tiny, calibrated])
+def test_save_load(tmp_path, make):
+    g = make()
     ir.save(g, tmp_path / "g.slimc")
     h = ir.load(tmp_path / "g.slimc")
-    assert h == g
+    assert h == g and h.calibration == g.calibration
     x = interpreter.example_inputs(g, batch=2)
     np.testing.assert_array_equal(interpreter.run(g, x)[0], interpreter.run(h, x)[0])
 

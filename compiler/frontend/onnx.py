@@ -401,8 +401,8 @@ class _Importer:
     def param(self, base: str, arr: np.ndarray) -> str:
         """A new IR parameter holding `arr`."""
         name = self.fresh(base)
-        arr = np.ascontiguousarray(arr)
-        if not arr.flags.writeable:  # numpy_helper returns read-only views of the protobuf bytes
+        arr = np.asarray(arr)  # not ascontiguousarray: it turns scalars (per-tensor scales) into [1]
+        if not arr.flags.c_contiguous or not arr.flags.writeable:  # numpy_helper gives read-only views
             arr = arr.copy()
         self.weights[name] = arr
         self.types[name] = TensorType.of(arr)
@@ -1422,3 +1422,103 @@ def _upsample(imp: _Importer, n: OnnxNode) -> None:
         raise imp.error(f"Upsample mode {mode!r} uses asymmetric coordinates, which IR bilinear resize does not; "
                         f"re-export with opset >= 11 (Resize)")
     imp.emit("resize", [imp.input(0)], {"size": size, "mode": "nearest"})
+
+
+# ---- converters: quantization ---------------------------------------------------------------------
+
+def _qdq_axis(imp: _Importer, n: OnnxNode, scale: np.ndarray) -> int | None:
+    """The channel axis of a per-axis QuantizeLinear/DequantizeLinear, or None when its scale is a single value."""
+    if int(n.attr("block_size", 0)) or scale.ndim > 1:
+        raise imp.error(f"blocked quantization (scale of shape {list(scale.shape)}) has no IR equivalent; the IR "
+                        f"quantizes per tensor (one scale) or per axis (a 1-D scale)")
+    if scale.size == 1:
+        return None
+    if imp.opset < 13:
+        raise imp.error(f"a 1-D scale of {scale.size} values is per-axis quantization, which ONNX defines from "
+                        f"opset 13 on; convert the model to opset 13 or later")
+    shape = imp.shape(0)
+    axis = _norm_axes(imp, [int(n.attr("axis", 1))], len(shape))[0]
+    if shape[axis] != scale.size:
+        raise imp.error(f"{scale.size} scales for {shape[axis]} channels on axis {axis} of input {list(shape)}")
+    return axis
+
+
+def _qdq_constants(imp: _Importer, n: OnnxNode, zp_dtype: str, allowed: Sequence[str] = tuple(ops.QUANT_DTYPES)
+                   ) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """Scale, zero point (absent: zeros of `zp_dtype`) and axis of a QuantizeLinear/DequantizeLinear, as the IR
+    takes them: constant, a float32 scale, a zero point of an `allowed` type and of the scale's shape, scalars per
+    tensor."""
+    scale = imp.const(1, "scale")
+    zp = imp.opt_const(2, "zero point")
+    zp = np.zeros(scale.shape, zp_dtype) if zp is None else zp
+    if scale.dtype != np.float32:
+        raise imp.error(f"its scale is {scale.dtype}; the IR's quantization parameters are float32 scales")
+    if str(zp.dtype) not in allowed:
+        raise imp.error(f"its zero point is {zp.dtype}; the IR quantizes to {' and '.join(ops.QUANT_DTYPES)} only")
+    axis = _qdq_axis(imp, n, scale)
+    if zp.size != scale.size or zp.ndim > 1:  # ORT accepts a [1] scale with a scalar zero point, and vice versa
+        raise imp.error(f"zero point of shape {list(zp.shape)} does not match scale of shape {list(scale.shape)}")
+    return (scale.reshape(()), zp.reshape(()), None) if axis is None else (scale, zp.reshape(-1), axis)
+
+
+def _along_axis(arr: np.ndarray, axis: int | None, rank: int) -> np.ndarray:
+    """A per-axis [C] parameter shaped to broadcast along `axis` (scalars stay scalars)."""
+    return arr if axis is None else arr.reshape([-1 if i == axis else 1 for i in range(rank)])
+
+
+def _qdq_values(imp: _Importer, n: OnnxNode, scale: np.ndarray, zp: np.ndarray) -> list[str]:
+    """IR parameters for scale and zero point, one per initializer and shape (a Q and its DQ share them); a missing
+    zero point is named after the scale."""
+    out = []
+    for i, arr in ((1, scale), (2, zp)):
+        src = n.inputs[i] if n.has_input(i) else f"{n.inputs[1]}.zero_point"
+        key = (src, f"{arr.dtype}{list(arr.shape)}")
+        if key not in imp.materialized:
+            imp.materialized[key] = imp.param(src, arr)
+        out.append(imp.materialized[key])
+    return out
+
+
+def _quantized_dtype(imp: _Importer, n: OnnxNode) -> str:
+    """QuantizeLinear's output type when it has no zero point: output_dtype (opset 21) or, by the spec, uint8."""
+    to = int(n.attr("output_dtype", 0))
+    return str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(to))) if to else "uint8"
+
+
+@converts("QuantizeLinear")
+def _quantize_linear(imp: _Importer, n: OnnxNode) -> None:
+    """Constant per-tensor or per-axis parameters become the IR quantize's operands."""
+    scale, zp, axis = _qdq_constants(imp, n, _quantized_dtype(imp, n))
+    imp.emit("quantize", [imp.input(0), *_qdq_values(imp, n, scale, zp)], {"axis": 1 if axis is None else axis})
+
+
+@folds("QuantizeLinear")
+def _fold_quantize_linear(imp: _Importer, n: OnnxNode, args: list) -> list[np.ndarray]:
+    """Weights quantized in the graph become int8 constants: saturate(round_half_even(x / scale) + zero_point)."""
+    scale, zp, axis = _qdq_constants(imp, n, _quantized_dtype(imp, n))
+    x = np.asarray(args[0]).astype(np.float32)
+    lo, hi = ops.QUANT_DTYPES[str(zp.dtype)]
+    q = np.rint(x / _along_axis(scale, axis, x.ndim)) + _along_axis(zp, axis, x.ndim).astype(np.float32)
+    return [np.clip(q, lo, hi).astype(zp.dtype)]
+
+
+@converts("DequantizeLinear")
+def _dequantize_linear(imp: _Importer, n: OnnxNode) -> None:
+    """uint8/int8 values (also constant weights, kept for fold-qdq) become dequantize; constant int32 biases fold."""
+    x_dtype = imp.dtype(0)
+    if x_dtype in ops.QUANT_DTYPES:
+        scale, zp, axis = _qdq_constants(imp, n, x_dtype)
+        imp.emit("dequantize", [imp.input(0), *_qdq_values(imp, n, scale, zp)], {"axis": 1 if axis is None else axis})
+    elif x_dtype == "int32" and imp.is_const(n.inputs[0]):
+        imp.set_const(n.outputs[0], _dequantized_int32(imp, n, imp.consts[n.inputs[0]]))
+    else:
+        kind = "constant" if imp.is_const(n.inputs[0]) else "run-time"
+        raise imp.error(f"dequantizing a {kind} {x_dtype} tensor has no IR op; the IR dequantizes uint8/int8 values "
+                        f"(and folds constant int32 ones, the quantized biases)")
+
+
+def _dequantized_int32(imp: _Importer, n: OnnxNode, x: np.ndarray) -> np.ndarray:
+    """A quantized int32 bias as ONNX Runtime dequantizes it: float32(x - zero_point) * scale."""
+    scale, zp, axis = _qdq_constants(imp, n, "int32", allowed=("int32",))
+    centered = x.astype(np.int64) - _along_axis(zp, axis, x.ndim).astype(np.int64)
+    return centered.astype(np.float32) * _along_axis(scale, axis, x.ndim)

@@ -548,3 +548,19 @@ def _reshape_shrink(v: NodeView, k: Kept) -> dict[str, Any]:
         return {}
     shape[pos] = int(len(k.outputs[0]))
     return {"shape": tuple(shape)}
+
+
+# ---- quantization ------------------------------------------------------------------------------------
+
+@channel_rule("quantize", "dequantize")
+def _qdq(v: NodeView) -> ChannelMap:
+    """Per-tensor QDQ: channels pass through; per-channel parameters of activations block (prune before quantize)."""
+    if v.is_param[0] or v.in_types[1].rank == 0:
+        return _passthrough(v)
+    return blocked_everywhere(v, f"{v.node.op} has per-channel scales: prune before quantizing")
+
+
+@channel_rule("qconv2d", "qdense", "qadd")
+def _integer(v: NodeView) -> ChannelMap:
+    """Integer layers carry packed int8 weights and folded biases: prune the float graph, then quantize."""
+    return blocked_everywhere(v, f"{v.node.op} is an integer op: prune before quantize/fold-qdq")

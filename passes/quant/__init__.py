@@ -1,0 +1,1 @@
+"""Quantization: calibration observers, QDQ insertion, integer folding."""

@@ -1,0 +1,191 @@
+"""Reading a QDQ graph next to the float graph it came from: int8 layers, float operands, per-channel statistics.
+
+Recovery passes after `quantize` (bias-correct, quant-fallback) compare the QDQ graph with the float graph
+quantize was given; `PassContext.inputs_of["quantize"]` holds it. Both have the same layer names (quantize only
+inserts nodes and swaps weight operands), which is how a QDQ layer finds its float twin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from slimc import ops
+from slimc.errors import PipelineError
+from slimc.ir import Graph, Node
+from slimc.pass_manager import PassContext
+from slimc.passes.quant.fold import dequantized_weight
+from slimc.rewrite import Edit
+
+LAYER_OPS = ("conv2d", "dense")
+
+
+def float_model(ctx: PassContext, who: str) -> Graph:
+    """The float graph `quantize` started from earlier in this pipeline, or a PipelineError saying how to get one."""
+    given = ctx.inputs_of.get("quantize")
+    if given is None:
+        raise PipelineError(f"{who} compares the int8 model with the float model quantize started from, so it must "
+                            "run in the same pipeline after quantize (e.g. 'calibrate,quantize,bias-correct,fold-qdq'); "
+                            "from Python, pass PassContext(inputs_of={'quantize': PassInput(float_graph)})")
+    return given.graph
+
+
+def activation_source(g: Graph, v: str) -> str | None:
+    """The float value an activation QDQ pair (quantize -> dequantize) reads, if `v` is such a pair's output."""
+    dq = g.producer(v)
+    if dq is None or dq.op != "dequantize" or g.is_param(dq.inputs[0]):
+        return None
+    q = g.producer(dq.inputs[0])
+    return q.inputs[0] if q is not None and q.op == "quantize" else None
+
+
+def float_source(g: Graph, v: str) -> str:
+    """`v` without its activation quantization (the value its QDQ pair reads), or `v` itself."""
+    return activation_source(g, v) or v
+
+
+def is_int8(g: Graph, n: Node) -> bool:
+    """Whether `n` is a layer or add that quantize put in int8 (all its activation operands and weight are QDQ'd)."""
+    if n.op in LAYER_OPS:
+        return activation_source(g, n.inputs[0]) is not None and dequantized_weight(g, n.inputs[1]) is not None
+    if n.op == "add":
+        return all(activation_source(g, i) is not None for i in n.inputs)
+    return False
+
+
+def int8_nodes(g: Graph, op_names: Sequence[str] = (*LAYER_OPS, "add")) -> list[Node]:
+    """The int8 nodes of a QDQ graph with one of `op_names`, in graph order."""
+    return [n for n in g.nodes if n.op in op_names and is_int8(g, n)]
+
+
+def check_twins(q: Graph, f: Graph, nodes: Sequence[Node], who: str) -> None:
+    """Every int8 node of `q` must have a float node of the same name and op in `f` (with the same weight shape)."""
+    bad = []
+    for n in nodes:
+        try:
+            m = f.node(n.name)
+        except Exception:
+            bad.append(n.name)
+            continue
+        if m.op != n.op or (n.op in LAYER_OPS and f.type_of(m.inputs[1]).shape != q.type_of(n.inputs[1]).shape):
+            bad.append(n.name)
+    if bad:
+        raise PipelineError(f"{who}: layer(s) {', '.join(bad[:5])} of the int8 graph have no matching layer in the "
+                            "float graph quantize started from; run it right after quantize (and bias-correct), "
+                            "before passes that change the graph's structure such as fold-qdq")
+
+
+def expose_preactivations(g: Graph, names: Sequence[str]) -> tuple[Graph, dict[str, str]]:
+    """`g` with each named layer's fused activation split off into its own node (same output name), and the value
+    holding each layer's pre-activation output: bias shifts act linearly there, not after relu6."""
+    e = Edit(g)
+    pre: dict[str, str] = {}
+    for name in names:
+        n = g.node(name)
+        act = n.attrs.get("act", "none")
+        if act == "none":
+            pre[name] = name
+            continue
+        linear = {k: v for k, v in n.attrs.items() if k not in ("act", "clip_min", "clip_max")}
+        p = e.fresh_name(f"{name}.preact")
+        layer = e.make_node(p, n.op, n.inputs, linear, n.source)
+        attrs = {"min": n.attrs.get("clip_min"), "max": n.attrs.get("clip_max")} if act == "clip" else {}
+        act_node = ops.make_node(name, act, (p,), layer.out_types, attrs, n.source)
+        e.replace_node(name, layer, act_node)
+        pre[name] = p
+    return e.apply(), pre
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Model inputs held in memory (one array per graph input, batch first) and their labels if known."""
+
+    arrays: tuple[np.ndarray, ...]
+    labels: np.ndarray | None
+
+    def __len__(self) -> int:
+        return int(self.arrays[0].shape[0])
+
+    def head(self, n: int) -> Samples:
+        return Samples(tuple(a[:n] for a in self.arrays), None if self.labels is None else self.labels[:n])
+
+
+def load_samples(data, limit: int, who: str) -> Samples:
+    """The first `limit` samples of a dataset (0: all), with labels only if every batch has them."""
+    if data is None:
+        raise PipelineError(f"{who} runs the model on data: pass --calib or --data (or PassContext(calib=...))")
+    parts: list[tuple[np.ndarray, ...]] = []
+    labels: list[np.ndarray] | None = []
+    seen = 0
+    for b in data.batches(64):
+        n = len(b) if not limit else min(len(b), limit - seen)
+        parts.append(tuple(np.asarray(a)[:n] for a in b.inputs))
+        if labels is not None and b.labels is not None:
+            labels.append(np.asarray(b.labels)[:n])
+        else:
+            labels = None
+        seen += n
+        if limit and seen >= limit:
+            break
+    if not seen:
+        raise PipelineError(f"{who}: the data has no samples")
+    arrays = tuple(np.concatenate([p[i] for p in parts]) for i in range(len(parts[0])))
+    return Samples(arrays, np.concatenate(labels) if labels else None)
+
+
+def fixed_batch(g: Graph) -> int | None:
+    """The batch size the graph's inputs fix (a static leading dim), or None if it is symbolic."""
+    dims = {t.shape[0] for _, t in g.inputs if t.rank}
+    fixed = [d for d in dims if isinstance(d, int)]
+    return fixed[0] if len(fixed) == 1 and len(dims) == 1 else None
+
+
+def batches(g: Graph, samples: Samples, batch_size: int) -> Iterator[tuple[np.ndarray, ...]]:
+    """The samples in the batch size the graph needs (its fixed batch if it has one; a partial tail is dropped)."""
+    size = fixed_batch(g) or batch_size
+    n = len(samples)
+    stop = n - n % size if fixed_batch(g) else n
+    if stop <= 0:
+        raise PipelineError(f"graph {g.name} fixes its batch size to {size} but only {n} samples were given")
+    for s in range(0, stop, size):
+        yield tuple(a[s:s + size] for a in samples.arrays)
+
+
+def run_outputs(g: Graph, samples: Samples, batch_size: int) -> list[np.ndarray]:
+    """The graph's outputs on all samples, concatenated over batches."""
+    from slimc import interpreter
+
+    outs = [interpreter.run(g, list(b)) for b in batches(g, samples, batch_size)]
+    return [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]
+
+
+def channel_means(g: Graph, values: Mapping[str, str], samples: Samples, batch_size: int,
+                  axis_of: Callable[[str], int]) -> dict[str, np.ndarray]:
+    """Per-channel mean (float64) of each `values[key]` over the samples; the channel axis is `axis_of(key)`."""
+    import torch
+
+    from slimc import interpreter
+
+    by_value = {v: k for k, v in values.items()}
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+
+    def hook(node: Node, outs) -> None:
+        for v, t in zip(node.outputs, outs):
+            key = by_value.get(v)
+            if key is None:
+                continue
+            ax = axis_of(key) % t.dim()
+            dims = tuple(d for d in range(t.dim()) if d != ax)
+            s = t.detach().double().sum(dim=dims).numpy()
+            sums[key] = sums.get(key, 0.0) + s
+            counts[key] = counts.get(key, 0) + t.numel() // t.shape[ax]
+
+    module = interpreter.GraphModule(g)
+    dtypes = [getattr(torch, t.dtype) for _, t in g.inputs]
+    with torch.no_grad():
+        for b in batches(g, samples, batch_size):
+            module(*(torch.as_tensor(np.ascontiguousarray(a)).to(dt) for a, dt in zip(b, dtypes)), hook=hook)
+    return {k: sums[k] / counts[k] for k in sums}

@@ -1,0 +1,72 @@
+"""How values are quantized: the scheme a target implies, and (scale, zero point) from a calibrated range."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """u8 asymmetric activations x s8 symmetric per-output-channel weights; `note` explains a weak target."""
+
+    activation_dtype: str = "uint8"
+    activation_max: int = 255
+    weight_max: int = 127
+    per_channel: bool = True
+    note: str = ""
+
+
+def scheme_for(target) -> Scheme:
+    """The scheme the target's int8 dot-product instructions need (u8 x s8 accumulating in int32)."""
+    dot = getattr(target, "int8_dot", "vnni") if target is not None else "vnni"
+    if dot in ("vnni", "amx", "dotprod", "i8mm"):
+        return Scheme()
+    if dot == "avx512":
+        # vpmaddubsw adds two u8*s8 products into a saturating int16: exact only with 7-bit activations
+        return Scheme(activation_max=127, note="AVX-512 without VNNI: 7-bit activations keep vpmaddubsw exact")
+    desc = target.describe() if hasattr(target, "describe") else str(target)
+    return Scheme(note=f"target {desc} has no int8 dot-product instruction (VNNI / dotprod): int8 kernels there "
+                       "will run about as fast as fp32; quantize for size, or pick a target with one")
+
+
+def activation_qparams(lo: float, hi: float, qmax: int = 255) -> tuple[np.float32, np.uint8]:
+    """Asymmetric u8 (scale, zero point) whose grid holds the range widened to contain 0 (0 is exact)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if not np.isfinite(lo) or not np.isfinite(hi):
+        raise ValueError(f"calibrated range [{lo}, {hi}] is not finite")
+    if hi - lo <= 0.0:
+        return np.float32(1.0), np.uint8(0)
+    scale = np.float32((hi - lo) / qmax)
+    zp = int(np.clip(np.round(-lo / float(scale)), 0, qmax))
+    return scale, np.uint8(zp)
+
+
+#: the int32 bias of an integer layer must hold bias / (x_scale * w_scale) with room for the zero-point correction
+BIAS_LIMIT = 2.0 ** 30
+
+
+def bias_safe_scale(bias: np.ndarray, x_scale: float) -> np.ndarray:
+    """Smallest weight scale per channel whose int32 bias (bias / (x_scale * w_scale)) stays below 2^30."""
+    return (np.abs(np.asarray(bias, np.float64)) / (float(x_scale) * BIAS_LIMIT)).astype(np.float32)
+
+
+def weight_qparams(w: np.ndarray, qmax: int = 127, per_channel: bool = True,
+                   floor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric s8 weights: (int8 weights, float32 scale per output channel, or a scalar).
+
+    `floor` raises the scale of near-dead channels (tiny weights, large bias after BN folding) so that their
+    int32 bias cannot overflow; such channels then quantize their weights to few levels, which they barely use.
+    """
+    w = np.asarray(w, np.float32)
+    if per_channel:
+        amax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
+    else:
+        amax = np.asarray(np.abs(w).max())
+    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+    if floor is not None:
+        scale = np.maximum(scale, floor).astype(np.float32)
+    s = scale.reshape((-1,) + (1,) * (w.ndim - 1)) if per_channel else scale
+    q = np.clip(np.round(w / s), -qmax, qmax).astype(np.int8)
+    return q, scale

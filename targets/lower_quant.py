@@ -1,0 +1,236 @@
+"""Lowerings of the quantization ops: QDQ, and integer conv/dense/add with u8 x s8 -> s32 packed kernels.
+
+On VNNI targets a qconv2d becomes `conv2d_NCHWc_int8` on NCHW[ib]c u8 data (padded with the zero point by a
+separate pad op, so the conv's loads stay tensorizable) and a [O/16, I/ib, KH, KW, ib/4, 16, 4] int8 kernel;
+the requantizing epilogue (bias, dequantization scale, activation, output grid) is plain elementwise Relax that
+fuses into the conv's function.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from slimc.ir import Node
+from slimc.ops import QUANT_DTYPES
+from slimc.targets.lower import Lowerer, Val, _spatial_pad, activation, lowering
+
+VNNI_OC_BLOCK = 16  # output channels per vpdpbusd
+VNNI_IC_LANES = 4  # u8 x s8 products summed per int32 lane
+
+
+def _broadcast_const(lw: Lowerer, vec: np.ndarray, axis: int, rank: int, block: int):
+    """A per-channel vector shaped to broadcast along `axis` of a rank-`rank` value in its layout."""
+    vec = np.asarray(vec)
+    if vec.ndim == 0:
+        return lw.const(vec)
+    if block and axis == 1:
+        return lw.const(vec.reshape(1, -1, 1, 1, block))
+    shape = [1] * rank
+    shape[axis] = -1
+    return lw.const(vec.reshape(shape))
+
+
+@lowering("quantize")
+def _quantize(lw: Lowerer, n: Node):
+    from tvm.relax import op as R
+
+    g = lw.graph
+    v = lw.value(n.inputs[0])
+    rank = g.type_of(n.inputs[0]).rank
+    axis = n.attrs["axis"] % rank
+    scale, zp = g.weight(n.inputs[1]), g.weight(n.inputs[2])
+    lo, hi = QUANT_DTYPES[n.out_type.dtype]
+    y = R.round(R.divide(v.expr, _broadcast_const(lw, scale.astype(np.float32), axis, rank, v.block)))
+    y = R.add(y, _broadcast_const(lw, zp.astype(np.float32), axis, rank, v.block))
+    return [lw.emit(R.astype(R.clip(y, lo, hi), n.out_type.dtype), v.block)]
+
+
+@lowering("dequantize")
+def _dequantize(lw: Lowerer, n: Node):
+    from tvm.relax import op as R
+
+    g = lw.graph
+    v = lw.value(n.inputs[0])
+    rank = g.type_of(n.inputs[0]).rank
+    axis = n.attrs["axis"] % rank
+    scale, zp = g.weight(n.inputs[1]), g.weight(n.inputs[2])
+    y = R.subtract(R.astype(v.expr, "float32"), _broadcast_const(lw, zp.astype(np.float32), axis, rank, v.block))
+    return [lw.emit(R.multiply(y, _broadcast_const(lw, scale.astype(np.float32), axis, rank, v.block)), v.block)]
+
+
+def requantize(lw: Lowerer, acc, n: Node, scale: np.ndarray | None, block: int):
+    """int32 accumulator (+ its per-channel scale) -> act -> float32 output or the node's integer grid."""
+    from tvm.relax import op as R
+
+    a = n.attrs
+    bb = lw.bb
+    y = bb.emit(R.astype(acc, "float32")) if scale is not None else acc
+    if scale is not None:
+        y = bb.emit(R.multiply(y, lw.channel_const(scale, block)))
+    y = activation(lw, y, a["act"], a)
+    if a["out_dtype"] == "float32":
+        return y
+    lo, hi = QUANT_DTYPES[a["out_dtype"]]
+    y = R.round(R.divide(y, lw.const(np.float32(a["out_scale"]))))
+    y = R.clip(R.add(y, lw.const(np.float32(a["out_zero_point"]))), lo, hi)
+    return bb.emit(R.astype(y, a["out_dtype"]))
+
+
+def pack_int8_conv_weight(w: np.ndarray, ib: int, ob: int = VNNI_OC_BLOCK) -> np.ndarray:
+    """OIHW int8 -> [O/ob, I/ib, KH, KW, ib/4, ob, 4] (conv2d_NCHWc_int8's kernel layout)."""
+    o, i, kh, kw = w.shape
+    lanes = VNNI_IC_LANES
+    return np.ascontiguousarray(
+        w.reshape(o // ob, ob, i // ib, ib // lanes, lanes, kh, kw).transpose(0, 2, 5, 6, 3, 1, 4))
+
+
+def _vnni_blocks(lw: Lowerer, n: Node, cin: int, cout: int) -> tuple[int, int] | None:
+    """(input block, output block) for a VNNI conv (cin rounded up to 4 lanes), or None when it cannot use one."""
+    if getattr(lw.target_info, "int8_dot", None) != "vnni" or n.attrs.get("groups", 1) != 1:
+        return None
+    if lw.graph.type_of(n.inputs[0]).dtype != "uint8":
+        return None
+    cin = -(-cin // VNNI_IC_LANES) * VNNI_IC_LANES
+    ib = max(d for d in range(VNNI_IC_LANES, 17, VNNI_IC_LANES) if cin % d == 0)
+    return ib, VNNI_OC_BLOCK
+
+
+def _lane_padded_input(lw: Lowerer, n: Node, w: np.ndarray, ib: int, zp: float, source=None):
+    """Input in NCHW[ib]c and weight with channels padded to a multiple of 4 (zero weights: padding adds nothing).
+
+    `source(block)` gives the input in a layout (default: the node's first operand).
+    """
+    from tvm.relax import op as R
+
+    source = source or (lambda block: lw.expr(n.inputs[0], block))
+    cin = w.shape[1]
+    extra = -cin % VNNI_IC_LANES
+    if not extra:
+        return source(ib), w
+    x = lw.bb.emit(R.nn.pad(source(0), [0, 0, 0, extra, 0, 0, 0, 0], "constant", zp))
+    x = lw.bb.emit(R.layout_transform(x, index_map=lambda b, c, h, w_: (b, c // ib, h, w_, c % ib)))
+    return x, np.pad(w, ((0, 0), (0, extra), (0, 0), (0, 0)))
+
+
+def _vnni_conv(lw: Lowerer, n: Node, w: np.ndarray, bias: np.ndarray, scale: np.ndarray, blocks: tuple[int, int],
+               source=None) -> Val:
+    """conv2d_NCHWc_int8 (templated into vpdpbusd) + requantizing epilogue; output channels padded to 16-blocks."""
+    from tvm import topi
+    from tvm.relax import op as R
+
+    ib, ob = blocks
+    a = n.attrs
+    zp = float(a["x_zero_point"])
+    stride, padding, dilation = (tuple(a.get(k, d)) for k, d in
+                                 (("stride", (1, 1)), ("padding", (0, 0, 0, 0)), ("dilation", (1, 1))))
+    cout = w.shape[0]
+    x, w = _lane_padded_input(lw, n, w, ib, zp, source)
+    x = _spatial_pad(lw, x, padding, 5, zp)
+    extra = -cout % ob  # output channels padded to whole 16-channel blocks, sliced off after
+    if extra:
+        w = np.pad(w, ((0, extra), (0, 0), (0, 0), (0, 0)))
+        bias, scale = np.pad(bias, (0, extra)), np.pad(scale, (0, extra), constant_values=1.0)
+    with lw.target:
+        acc = lw.bb.emit_te(topi.nn.conv2d_NCHWc_int8, x, lw.const(pack_int8_conv_weight(w, ib, ob)),
+                            stride, (0, 0), dilation, f"NCHW{ib}c", f"NCHW{ob}c", "int32",
+                            VNNI_IC_LANES, primfunc_name_hint="conv2d_NCHWc_int8")
+    acc = lw.bb.emit(R.add(acc, lw.const(bias.reshape(1, -1, 1, 1, ob))))
+    y = requantize(lw, acc, n, scale, ob)
+    if not extra:
+        return Val(y, ob)
+    y = lw.bb.emit(R.layout_transform(y, index_map=lambda b, cb, h, w_, ci: (b, cb * ob + ci, h, w_)))
+    return lw.emit(R.strided_slice(y, [1], [0], [cout]))
+
+
+@lowering("qconv2d")
+def _qconv2d(lw: Lowerer, n: Node):
+    from tvm import topi
+    from tvm.relax import op as R
+
+    from slimc.targets import lower_arm
+    from slimc.targets.lower import _pack_depthwise_weight, depthwise_nchwc_te
+
+    if lower_arm.uses_dotprod(lw, n):
+        return lower_arm.lower_qconv2d(lw, n)
+    g = lw.graph
+    w = g.weight(n.inputs[1])
+    bias, scale = g.weight(n.inputs[2]), g.weight(n.inputs[3])
+    cout, cin = w.shape[0], g.type_of(n.inputs[0]).shape[1]
+    a = n.attrs
+    zp = float(a["x_zero_point"])
+    blocks = _vnni_blocks(lw, n, cin, cout)
+    depthwise = a["groups"] == cin == cout and w.shape[1] == 1
+    if blocks is not None:
+        return [_vnni_conv(lw, n, w, bias, scale, blocks)]
+    if depthwise and lw.plan.block:
+        b = lw.plan.block_for(cout)
+        x = _spatial_pad(lw, lw.expr(n.inputs[0], b), a["padding"], 5, zp)
+        acc = lw.bb.emit_te(depthwise_nchwc_te, x, lw.const(_pack_depthwise_weight(w, b)), tuple(a["stride"]),
+                            tuple(a["dilation"]), "int32", primfunc_name_hint="depthwise_conv2d_NCHWc")
+        acc = lw.bb.emit(R.add(acc, lw.const(bias.reshape(1, -1, 1, 1, b))))
+        return [Val(requantize(lw, acc, n, scale, b), b)]
+    # generic integer conv (first layers with few channels, grouped convs, targets without VNNI)
+    x = _spatial_pad(lw, lw.expr(n.inputs[0], 0), a["padding"], 4, zp)
+    x = lw.bb.emit(R.astype(x, "int32"))
+    acc = lw.bb.emit(R.nn.conv2d(x, lw.const(w.astype(np.int32)), tuple(a["stride"]), (0, 0), tuple(a["dilation"]),
+                                 a["groups"], out_dtype="int32"))
+    acc = lw.bb.emit(R.add(acc, lw.const(bias.reshape(1, -1, 1, 1))))
+    return [Val(requantize(lw, acc, n, scale, 0))]
+
+
+@lowering("qdense")
+def _qdense(lw: Lowerer, n: Node):
+    from tvm.relax import op as R
+
+    from slimc.targets import lower_arm
+
+    if lower_arm.uses_dotprod(lw, n):
+        return lower_arm.lower_qdense(lw, n)
+    g = lw.graph
+    w = g.weight(n.inputs[1])
+    bias, scale = g.weight(n.inputs[2]), g.weight(n.inputs[3])
+    x_t = g.type_of(n.inputs[0])
+    if getattr(lw.target_info, "int8_dot", None) == "vnni" and x_t.rank == 2 and x_t.dtype == "uint8":
+        return [_vnni_dense(lw, n, w, bias, scale)]
+    x = lw.bb.emit(R.astype(lw.expr(n.inputs[0]), "int32"))  # the bias holds the zero-point correction
+    acc = lw.bb.emit(R.matmul(x, lw.const(np.ascontiguousarray(w.T.astype(np.int32))), out_dtype="int32"))
+    acc = lw.bb.emit(R.add(acc, lw.const(bias.astype(np.int32))))
+    y = lw.bb.emit(R.multiply(R.astype(acc, "float32"), lw.const(scale.astype(np.float32))))
+    return [Val(requantize(lw, y, n, None, 0))]
+
+
+def _vnni_dense(lw: Lowerer, n: Node, w: np.ndarray, bias: np.ndarray, scale: np.ndarray) -> Val:
+    """[M, K] x [N, K] as a 1x1 VNNI conv over a 1 x M image: [1, K, 1, M] -> [1, N, 1, M] -> [M, N]."""
+    from tvm.relax import op as R
+
+    m, k = (int(d) for d in lw.graph.type_of(n.inputs[0]).shape)
+    cols = lw.bb.emit(R.reshape(R.permute_dims(lw.expr(n.inputs[0]), [1, 0]), (1, k, 1, m)))
+    blocks = _vnni_blocks(lw, n, k, w.shape[0])
+    assert blocks is not None
+
+    def source(block: int):
+        if not block:
+            return cols
+        return lw.bb.emit(R.layout_transform(cols, index_map=lambda b, c, h, w_: (b, c // block, h, w_, c % block)))
+
+    y = _vnni_conv(lw, n, w.reshape(w.shape[0], k, 1, 1), bias, scale, blocks, source)
+    plain = lw.in_layout(y, 0)
+    return lw.emit(R.permute_dims(R.reshape(plain, (w.shape[0], m)), [1, 0]))
+
+
+@lowering("qadd")
+def _qadd(lw: Lowerer, n: Node):
+    from tvm.relax import op as R
+
+    a = n.attrs
+    va, vb = lw.value(n.inputs[0]), lw.value(n.inputs[1])
+    block = va.block if va.block == vb.block else 0
+    xa, xb = (va.expr, vb.expr) if block or not (va.block or vb.block) else \
+        (lw.expr(n.inputs[0], 0), lw.expr(n.inputs[1], 0))
+
+    def deq(x, s, z):
+        return R.multiply(R.subtract(R.astype(x, "float32"), lw.const(np.float32(z))), lw.const(np.float32(s)))
+
+    y = lw.bb.emit(R.add(deq(xa, a["a_scale"], a["a_zero_point"]), deq(xb, a["b_scale"], a["b_zero_point"])))
+    return [Val(requantize(lw, y, n, None, block), block)]
+

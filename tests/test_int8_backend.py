@@ -1,0 +1,86 @@
+"""int8 on the TVM backend: integer graphs lower to u8 x s8 -> s32 kernels, bit-exact against the IR interpreter."""
+
+import numpy as np
+import pytest
+import torch
+
+from slimc import interpreter
+from slimc.frontend.torch import from_torch
+from slimc.pass_manager import PassManager
+from slimc.targets.triple import resolve
+
+import tiny_models
+from test_quant_pipeline import min_max_ranges
+
+pytestmark = pytest.mark.backend
+
+
+@pytest.fixture(scope="module")
+def int8_graph():
+    m = tiny_models.quant_net()
+    x = torch.randn(8, 3, 32, 32).numpy()
+    g = from_torch(m, (torch.from_numpy(x[:1]),), name="qnet")
+    g, _ = PassManager("canonicalize,fold-bn,fuse-act").run(g)
+    f, _ = PassManager("quantize,fold-qdq").run(g.replace(calibration=min_max_ranges(g, x)))
+    return f, x[:1]
+
+
+@pytest.fixture(scope="module")
+def native_build(int8_graph):
+    from slimc.targets.build import build
+
+    return build(int8_graph[0], resolve("native"), trials=0, progress=False)
+
+
+def _run(executable, x: np.ndarray) -> np.ndarray:
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x)).numpy()
+
+
+def test_int8_build_is_bit_exact(int8_graph, native_build):
+    g, x = int8_graph
+    np.testing.assert_array_equal(_run(native_build.executable, x), interpreter.run(g, [x])[0])
+
+
+def test_generic_integer_kernels_without_vnni_are_bit_exact(int8_graph):
+    from slimc.targets.build import build
+
+    g, x = int8_graph
+    r = build(g, resolve("x86-avx2"), trials=0, progress=False)
+    np.testing.assert_array_equal(_run(r.executable, x), interpreter.run(g, [x])[0])
+
+
+@pytest.mark.skipif(resolve("native").int8_dot != "vnni", reason="host CPU has no AVX-512 VNNI")
+def test_vnni_kernels_are_in_the_library(native_build, tmp_path):
+    from slimc.targets.asm import count_int8_dot
+
+    lib = str(tmp_path / "m.so")
+    native_build.executable.export_library(lib)
+    counts = count_int8_dot(lib, resolve("native"))
+    assert counts["vpdpbusd"] > 0, counts
+
+
+def test_compile_int8_cli_reports_integer_kernels(tmp_path):
+    import json
+
+    from test_backend import slimc
+
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32))
+    out = tmp_path / "art"
+    done = slimc("compile", "tiny_models:quant_net", "--int8", "--calib", str(calib), "--calib-method", "minmax",
+                 "--no-measure", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["pipeline"].endswith("calibrate{method=minmax},quantize,fold-qdq")
+    q = meta["quantization"]
+    assert q["int8_mac_share"] == 1.0 and q["dequantize_ops"] == 0 and len(q["layer_sqnr_db"]) >= 5
+    assert meta["check"]["max_rel"] == 0.0  # the artifact computes exactly what the integer IR computes
+    if resolve("native").int8_dot == "vnni":
+        assert q["int8_dot_instructions"]["vpdpbusd"] > 0
+    assert "## int8" in (out / "report.md").read_text()
+    missing = slimc("compile", "tiny_models:quant_net", "--int8", "--no-measure", "-o", str(tmp_path / "x"))
+    assert missing.returncode != 0 and "--calib" in missing.stderr and not (tmp_path / "x").exists()

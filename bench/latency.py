@@ -81,6 +81,7 @@ def bench_int8(name: str, graph, loaded, onnx_path: str, xn, ref, row: dict, arg
     from slimc.compile import compile_graph
     from slimc.ort_quant import ort_session, quantize_with_ort
     from slimc.pass_manager import PassContext, PassManager, compare
+    from slimc.targets.triple import resolve
 
     calib = evalset.split(args.calib_samples, 1).calibration
     t0 = time.perf_counter()
@@ -92,19 +93,24 @@ def bench_int8(name: str, graph, loaded, onnx_path: str, xn, ref, row: dict, arg
     row["ort_int8"]["quantize_seconds"] = time.perf_counter() - t0
     row["ort_int8"]["sqnr_vs_pytorch_db"] = compare(sess.run(None, feed), [ref]).sqnr_db
 
-    t0 = time.perf_counter()
-    pm = PassManager(f"canonicalize,fold-bn,fuse-act,calibrate{{method={args.calib_method}}},quantize,fold-qdq",
-                     context=PassContext(sample_inputs=[xn], data=calib))
-    final, records = pm.run(graph)
-    result = compile_graph(loaded, pm.pipeline, final, records, target="native", mcpu=None, mattr=None,
-                           trials=args.trials, tune_db=args.tune_db, tune_ops=args.tune_ops, measure=True,
-                           out_dir=os.path.join(args.work, f"{name}-int8"), sample=[xn])
-    meta = result.meta
-    row["slimc_int8"] = {k: meta["latency"][k] for k in ("median_ms", "p10_ms", "p90_ms")}
-    row["slimc_int8"].update(max_rel_vs_ir=meta["check"]["max_rel"], compile_seconds=time.perf_counter() - t0,
-                             sqnr_vs_pytorch_db=compare(result_outputs(result, xn), [ref]).sqnr_db,
-                             int8_mac_share=meta["quantization"]["int8_mac_share"],
-                             dot_instructions=meta["quantization"]["int8_dot_instructions"], tuning=meta["tuning"])
+    variants = [("slimc_int8", "")]
+    if args.prune:
+        variants.append(("slimc_int8_pruned", f"prune{{ratio={args.prune}}},"))
+    for key, prune in variants:
+        t0 = time.perf_counter()
+        pm = PassManager(f"canonicalize,fold-bn,fuse-act,{prune}calibrate{{method={args.calib_method}}},quantize,"
+                         "fold-qdq", context=PassContext(sample_inputs=[xn], data=calib, target=resolve("native")))
+        final, records = pm.run(graph)
+        result = compile_graph(loaded, pm.pipeline, final, records, target="native", mcpu=None, mattr=None,
+                               trials=args.trials, tune_db=args.tune_db, tune_ops=args.tune_ops, measure=True,
+                               out_dir=os.path.join(args.work, f"{name}-{key}"), sample=[xn])
+        meta = result.meta
+        row[key] = {k: meta["latency"][k] for k in ("median_ms", "p10_ms", "p90_ms")}
+        row[key].update(max_rel_vs_ir=meta["check"]["max_rel"], compile_seconds=time.perf_counter() - t0,
+                        sqnr_vs_pytorch_db=compare(result_outputs(result, xn), [ref]).sqnr_db,
+                        macs=records[-1].stats.macs, pipeline=pm.pipeline,
+                        int8_mac_share=meta["quantization"]["int8_mac_share"],
+                        dot_instructions=meta["quantization"]["int8_dot_instructions"], tuning=meta["tuning"])
 
 
 def result_outputs(result, xn) -> list:
@@ -128,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-int8", dest="int8", action="store_false", help="fp32 columns only")
     p.add_argument("--calib-samples", type=int, default=64, help="calibration crops for both int8 quantizers")
     p.add_argument("--calib-method", default="minmax", help="calibration method for both (minmax, entropy, percentile)")
+    p.add_argument("--prune", type=float, default=0.0,
+                   help="also time slimc int8 after prune{ratio=R} (channels rounded to the target's block)")
     args = p.parse_args(argv)
     args.tune_ops = [o for o in args.tune_ops.split(",") if o] or None
     os.makedirs(args.work, exist_ok=True)
@@ -146,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         if "slimc_int8" in r:
             oi, si = r["ort_int8"]["median_ms"], r["slimc_int8"]["median_ms"]
             line += f" {oi:8.2f}ms {si:10.2f}ms {sl / si:9.2f}x {oi / si:11.2f}x"
+        if "slimc_int8_pruned" in r:
+            p_ = r["slimc_int8_pruned"]
+            line += f"  pruned int8 {p_['median_ms']:.2f}ms ({p_['macs'] / r['slimc_int8']['macs']:.0%} MACs)"
         print(f"{line}  {t['tasks_tuned']} tasks / {t['trials']} trials / {t['seconds']:.0f}s this run, "
               f"{t['tasks_reused']} reused")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

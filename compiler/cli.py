@@ -88,12 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time the original model (PyTorch eager / ONNX Runtime) on the same inputs")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="artifact directory to write")
     p.add_argument("--int8", action="store_true",
-                   help="quantize to int8: appends calibrate,quantize to the pipeline (needs --calib or --data)")
+                   help="quantize to int8: appends calibrate,quantize,bias-correct to the pipeline (needs --calib or "
+                        "--data)")
     p.add_argument("--eval", metavar="SPEC",
                    help="data (same forms as --data) on which to report the artifact's top-1 agreement with the "
                         "original model (e.g. slimc.evalset:lite_evaluation)")
-    p.add_argument("--calib-method", default="entropy", metavar="M",
-                   help="calibration method with --int8: minmax, moving_average, percentile, entropy (default), mse")
+    p.add_argument("--calib-method", default="mse", metavar="M",
+                   help="calibration method with --int8: minmax, moving_average, percentile, entropy, mse (default: "
+                        "with bias correction the most faithful in bench/fidelity.py)")
+    p.add_argument("--max-drop", type=float, metavar="D",
+                   help="with --int8: put the most sensitive layers back in float until top-1 agreement with the float "
+                        "model (or --metric) on --data (else --calib) drops by at most D, e.g. 0.02")
+    p.add_argument("--sqnr-floor", type=float, metavar="DB",
+                   help="with --int8: put the most sensitive layers back in float until the outputs' SQNR against the "
+                        "float model is at least DB")
+    p.add_argument("--metric", metavar="MODULE:FN",
+                   help="with --max-drop: judge the drop by fn(logits, labels) -> float (higher is better) on labelled "
+                        "--data instead of top-1 agreement")
     _add_data_args(p)
     p.set_defaults(func=cmd_compile)
 
@@ -248,13 +259,45 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def backend_pipeline(passes: str, int8: bool, calib_method: str) -> str:
-    """The pipeline compile runs: --int8 adds calibration and QDQ; QDQ is always folded into integer ops."""
+#: recovery passes --int8 runs after quantize (bias correction: see bench/fidelity.py for what it is worth)
+INT8_RECOVERY = ("bias-correct",)
+
+
+def backend_pipeline(passes: str, int8: bool, calib_method: str, max_drop: float | None = None,
+                     sqnr_floor: float | None = None, metric: str | None = None) -> str:
+    """The pipeline compile runs: --int8 adds calibration, QDQ, bias correction and, given an accuracy budget, float
+    fallback of the most sensitive layers; QDQ is always folded into integer ops."""
+    from slimc.errors import SlimcError
+
+    budget = []
+    if max_drop is not None:
+        if not 0.0 <= max_drop <= 1.0:
+            raise SlimcError(f"--max-drop {max_drop} is outside [0, 1]: it is the largest drop of top-1 agreement with "
+                             "the float model (or of --metric) to accept, e.g. 0.02 for two points")
+        budget.append(f"max_drop={max_drop}")
+    if sqnr_floor is not None:
+        if not sqnr_floor > 0.0:
+            raise SlimcError(f"--sqnr-floor {sqnr_floor} must be a positive number of dB, e.g. 30: the smallest SQNR "
+                             "of the int8 model's outputs against the float model's to accept")
+        budget.append(f"sqnr_floor={sqnr_floor}")
+    if metric is not None:
+        if max_drop is None or any(c in metric for c in ",{}=") or ":" not in metric:
+            raise SlimcError(f"--metric {metric!r} needs --max-drop (the drop it is judged by) and must name "
+                             "'package.module:callable' computing fn(logits, labels) -> float, higher is better")
+        budget.append(f"metric={metric}")
+    if budget and not int8:
+        raise SlimcError("--max-drop, --sqnr-floor and --metric set the accuracy budget of int8 quantization; "
+                         "add --int8 (or drop them)")
     names = [p.split("{")[0].strip() for p in passes.split(",") if p.strip()]
     if int8 and "quantize" not in names:
-        passes = f"{passes},calibrate{{method={calib_method}}},quantize" if passes.strip() else \
-            f"calibrate{{method={calib_method}}},quantize"
-        names += ["calibrate", "quantize"]
+        steps = [f"calibrate{{method={calib_method}}}", "quantize", *INT8_RECOVERY]
+        if budget:
+            steps.append(f"quant-fallback{{{','.join(budget)}}}")
+        passes = ",".join(filter(None, [passes.strip(), *steps]))
+        names += [s.split("{")[0] for s in steps]
+    elif budget:
+        raise SlimcError("--passes already quantizes, so --max-drop/--sqnr-floor/--metric cannot place the fallback: "
+                         "add quant-fallback{max_drop=...} after quantize in --passes instead")
     if "quantize" in names and "fold-qdq" not in names[names.index("quantize"):]:
         passes += ",fold-qdq"
     return passes
@@ -267,12 +310,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
         from slimc.errors import SlimcError
 
         raise SlimcError(f"--trials must be >= 0, got {args.trials}")
+    args.passes = backend_pipeline(args.passes, args.int8, args.calib_method, args.max_drop, args.sqnr_floor,
+                                   args.metric)  # a bad flag fails before TVM loads
     from slimc.targets.triple import resolve
 
     from slimc.data import load_data
 
     target = resolve(args.target, args.mcpu, args.mattr)  # passes see it too (e.g. prune's round_to)
-    args.passes = backend_pipeline(args.passes, args.int8, args.calib_method)
     loaded, pm, graph, records, sample = _run_pipeline(args, check=True, target=target)
     result = slimc_compile.compile_graph(
         loaded, pm.pipeline, graph, records, target=target, mcpu=None, mattr=None,

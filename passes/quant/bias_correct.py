@@ -1,16 +1,19 @@
 """bias-correct: empirical bias correction (Nagel et al. 2019, sec. 4.2) of the int8 layers of a QDQ graph.
 
 Quantization errors of weights and activations do not average out per channel (a depthwise 3x3 kernel's rounding
-errors hardly cancel), so each output channel of an int8 layer is shifted by E[y_float - y_int8]. Adding that
+errors hardly cancel), so each output channel of an int8 layer is shifted by about E[y_float - y_int8]. Adding that
 shift to the layer's float bias removes it; fold-qdq then quantizes the corrected bias into the int32 bias.
 
-The expectation is taken on calibration data, before the layer's activation: relu/relu6 are not linear, and the
-post-activation error of a channel is biased by the clipping itself (values below 0 all map to 0 either way), so
-only the pre-activation mean is what a bias shift moves one-for-one. The reference is the float graph quantize
-was given; the int8 side is the QDQ graph with the errors of every layer before it, so a correction also absorbs
-the mean error flowing in from upstream. All layers are measured in one run and corrected together; as a layer's
-correction also changes what later layers receive, the measurement is repeated (`rounds`) on the corrected graph
-and the residual added, which converges in two or three rounds (stats `mean_abs_error_by_round`).
+The reference is the float graph quantize was given (`PassContext.inputs_of["quantize"]`). Both graphs run side by
+side, node by node, over all calibration samples at once, so each layer is measured with every earlier layer
+already corrected: a correction also absorbs the mean error flowing in from upstream without being counted twice
+(correcting all layers from one measurement over-corrects deep chains and diverges on MobileNetV2). The error is
+taken before the fused activation, where a bias shift acts one-for-one, and averaged only where the float
+pre-activation is in the activation's active range (0 < y < 6 for relu6): errors of values the activation clips
+anyway do not matter, and counting them shifts the channel's useful values the wrong way.
+
+Pair it with a non-clipping calibration (mse, minmax): after percentile or entropy ranges the error is dominated
+by clipped outliers, whose mean is no constant offset, and the correction can hurt (see bench/fidelity.py).
 """
 
 from __future__ import annotations
@@ -20,8 +23,7 @@ import numpy as np
 from slimc.errors import PipelineError
 from slimc.ir import Graph
 from slimc.pass_manager import PassContext, PassResult, opt, register_pass
-from slimc.passes.quant.qdq import (Samples, batches, channel_means, check_twins, expose_preactivations, float_model,
-                                    int8_nodes, load_samples)
+from slimc.passes.quant.qdq import Samples, batches, check_twins, float_model, int8_nodes, load_samples
 from slimc.rewrite import Edit
 
 WHO = "bias-correct"
@@ -30,12 +32,6 @@ WHO = "bias-correct"
 def channel_axis(g: Graph, name: str) -> int:
     """The channel axis of a layer's output: 1 for conv2d (NCHW), the last one for dense."""
     return 1 if g.node(name).op == "conv2d" else -1
-
-
-def preactivation_means(g: Graph, names: list[str], samples: Samples, batch_size: int) -> dict[str, np.ndarray]:
-    """Per-channel mean of each named layer's output before its activation."""
-    split, pre = expose_preactivations(g, names)
-    return channel_means(split, pre, samples, batch_size, lambda name: channel_axis(g, name))
 
 
 def with_bias_shift(g: Graph, shifts: dict[str, np.ndarray]) -> Graph:
@@ -70,58 +66,127 @@ def _last_uses(g: Graph) -> list[list[str]]:
     return out
 
 
-def sequential_shifts(q: Graph, layers: list[str], target: dict[str, np.ndarray], samples: Samples,
-                      batch_size: int) -> dict[str, np.ndarray]:
-    """Per-layer bias shifts found in one sweep of `q` over all samples, node by node in graph order: each layer's
-    pre-activation mean is measured with every earlier layer already corrected, then shifted onto `target`.
-    Every sample's live activations are held at once (memory ~ samples x the widest point of the network)."""
+def active_mask(pre: "torch.Tensor", attrs) -> "torch.Tensor | None":
+    """Where the fused activation passes changes of its input on (None: everywhere): 0 < y for relu, 0 < y < 6 for
+    relu6, inside the bounds for clip."""
+    act = attrs.get("act", "none")
+    if act == "relu":
+        return pre > 0
+    if act == "relu6":
+        return (pre > 0) & (pre < 6)
+    if act == "clip":
+        lo, hi = attrs.get("clip_min"), attrs.get("clip_max")
+        mask = pre == pre
+        if lo is not None:
+            mask &= pre > lo
+        if hi is not None:
+            mask &= pre < hi
+        return mask
+    return None
+
+
+def sequential_shifts(q: Graph, f: Graph, layers: list[str], samples: Samples, batch_size: int,
+                      active_only: bool) -> dict[str, np.ndarray]:
+    """Per-layer bias shifts found in one sweep of the float and QDQ graphs side by side over all samples, node by
+    node in graph order: each layer's pre-activation error is measured with every earlier layer already corrected
+    and its mean (over the float activation's active region if `active_only`) is added. Every sample's live
+    activations are held at once (memory ~ 2 x samples x the widest point of the network)."""
     import torch
 
     from slimc import interpreter
 
     todo = set(layers)
-    module = interpreter.GraphModule(q)
     dtypes = [getattr(torch, t.dtype) for _, t in q.inputs]
-    envs = [{name: torch.as_tensor(np.ascontiguousarray(a)).to(dt) for (name, _), a, dt in zip(q.inputs, b, dtypes)}
-            for b in batches(q, samples, batch_size)]
-    frees = _last_uses(q)
+    chunks = [{name: torch.as_tensor(np.ascontiguousarray(a)).to(dt) for (name, _), a, dt in zip(q.inputs, b, dtypes)}
+              for b in batches(q, samples, batch_size)]
+    sweep_q, sweep_f = _Sweep(q, chunks), _Sweep(f, chunks)
+    f_index = {n.name: i for i, n in enumerate(f.nodes)}
     shifts: dict[str, np.ndarray] = {}
+    pre_f: list = []
     with torch.no_grad():
         for i, n in enumerate(q.nodes):
-            def args(env: dict) -> list:
-                return [env[v] if v in env else module.tensor(v) for v in n.inputs]
-
-            if n.name in todo:
-                linear = n.replace(attrs={**n.attrs, "act": "none", "clip_min": None, "clip_max": None})
-                pres = [interpreter.run_node(linear, args(env))[0] for env in envs]
-                ax = channel_axis(q, n.name) % pres[0].dim()
-                dims = tuple(d for d in range(pres[0].dim()) if d != ax)
-                total = sum(p.double().sum(dim=dims) for p in pres)
-                count = sum(p.numel() // p.shape[ax] for p in pres)
-                shifts[n.name] = target[n.name] - (total / count).numpy()
-                shape = [1] * pres[0].dim()
-                shape[ax] = -1
-                shift = torch.from_numpy(shifts[n.name].astype(np.float32)).reshape(shape)
-                for env, pre in zip(envs, pres):
-                    env[n.name] = interpreter.apply_activation(pre + shift, n.attrs)
-            else:
-                for env in envs:
-                    env.update(zip(n.outputs, interpreter.run_node(n, args(env))))
-            for env in envs:
-                for v in frees[i]:
-                    env.pop(v, None)
+            if n.name not in todo:
+                sweep_q.run(i)
+                continue
+            while sweep_f.done <= f_index[n.name]:  # the float graph catches up, keeping this layer's pre-activation
+                if f.nodes[sweep_f.done].name == n.name:
+                    pre_f = sweep_f.run(sweep_f.done, keep_linear=True) or []
+                else:
+                    sweep_f.run(sweep_f.done)
+            pre_q = sweep_q.linear(i)
+            ax = channel_axis(q, n.name) % pre_q[0].dim()
+            dims = tuple(d for d in range(pre_q[0].dim()) if d != ax)
+            total = torch.zeros(pre_q[0].shape[ax], dtype=torch.float64)
+            count = torch.zeros_like(total)
+            for pf, pq in zip(pre_f, pre_q):
+                err = (pf - pq).double()
+                mask = active_mask(pf, n.attrs) if active_only else None
+                w = torch.ones_like(err) if mask is None else mask.double()
+                total += (err * w).sum(dim=dims)
+                count += w.sum(dim=dims)
+            shift = torch.where(count > 0, total / count.clamp(min=1.0), torch.zeros_like(total))
+            shifts[n.name] = shift.numpy()
+            shape = [1] * pre_q[0].dim()
+            shape[ax] = -1
+            sweep_q.finish(i, [interpreter.apply_activation(p + shift.float().reshape(shape), n.attrs) for p in pre_q])
     return shifts
 
 
-def correct(q: Graph, f: Graph, samples: Samples, batch_size: int, log=lambda msg: None
+class _Sweep:
+    """Runs a graph node by node over several chunks of samples at once, freeing values after their last use."""
+
+    def __init__(self, g: Graph, chunks: list[dict]) -> None:
+        from slimc import interpreter
+
+        self.g, self.module = g, interpreter.GraphModule(g)
+        self.envs = [dict(c) for c in chunks]
+        self.frees = _last_uses(g)
+        self.done = 0
+
+    def _args(self, env: dict, n) -> list:
+        return [env[v] if v in env else self.module.tensor(v) for v in n.inputs]
+
+    def linear(self, i: int) -> list:
+        """Node i's output per chunk without its fused activation (the environment is left as it is)."""
+        from slimc import interpreter
+
+        n = self.g.nodes[i]
+        lin = n.replace(attrs={**n.attrs, "act": "none", "clip_min": None, "clip_max": None})
+        return [interpreter.run_node(lin, self._args(env, n))[0] for env in self.envs]
+
+    def finish(self, i: int, outs: list) -> None:
+        """Store node i's (single) output per chunk and free what it read for the last time."""
+        for env, out in zip(self.envs, outs):
+            env[self.g.nodes[i].name] = out
+            for v in self.frees[i]:
+                env.pop(v, None)
+        self.done = i + 1
+
+    def run(self, i: int, keep_linear: bool = False) -> list | None:
+        """Run node i on every chunk; with keep_linear, return its pre-activation outputs too."""
+        from slimc import interpreter
+
+        n = self.g.nodes[i]
+        if keep_linear:
+            pre = self.linear(i)
+            self.finish(i, [interpreter.apply_activation(p, n.attrs) for p in pre])
+            return pre
+        for env in self.envs:
+            env.update(zip(n.outputs, interpreter.run_node(n, self._args(env, n))))
+            for v in self.frees[i]:
+                env.pop(v, None)
+        self.done = i + 1
+        return None
+
+
+def correct(q: Graph, f: Graph, samples: Samples, batch_size: int, active_only: bool = True, log=lambda msg: None
             ) -> tuple[Graph, list[str], float]:
     """The QDQ graph `q` with bias corrections against float graph `f`: (graph, layers, mean |shift|)."""
     layers = [n.name for n in int8_nodes(q, ("conv2d", "dense"))]
     check_twins(q, f, [q.node(n) for n in layers], WHO)
     if not layers:
         return q, [], 0.0
-    target = preactivation_means(f, layers, samples, batch_size)
-    shifts = sequential_shifts(q, layers, target, samples, batch_size)
+    shifts = sequential_shifts(q, f, layers, samples, batch_size, active_only)
     mean_abs = float(np.mean([np.abs(s).mean() for s in shifts.values()]))
     log(f"{WHO}: {len(layers)} layers, mean |E[float] - E[int8]| per channel {mean_abs:.4g}")
     return with_bias_shift(q, shifts), layers, mean_abs
@@ -131,6 +196,7 @@ def correct(q: Graph, f: Graph, samples: Samples, batch_size: int, log=lambda ms
     WHO,
     samples=opt(int, 64, "calibration samples to average over (0: all); all of them are held in memory at once"),
     batch_size=opt(int, 16, "samples per interpreter call"),
+    active_only=opt(bool, True, "average the error only where the float activation passes it on (relu: y > 0)"),
 )
 def bias_correct(graph: Graph, ctx: PassContext) -> PassResult:
     """Add each int8 conv/dense channel's mean output error (float minus int8, before the activation) to its bias."""
@@ -140,6 +206,6 @@ def bias_correct(graph: Graph, ctx: PassContext) -> PassResult:
         raise PipelineError(f"{WHO}: samples={limit} must be >= 0 (0: all) and batch_size={batch_size} >= 1")
     f = float_model(ctx, WHO)
     samples = load_samples(ctx.calibration_data, limit, WHO)
-    out, layers, mean_abs = correct(graph, f, samples, batch_size, ctx.log)
+    out, layers, mean_abs = correct(graph, f, samples, batch_size, o.get("active_only", True), ctx.log)
     stats = {"layers": len(layers), "samples": len(samples), "mean_abs_shift": round(mean_abs, 6)}
     return PassResult(out, bool(layers), stats)

@@ -7,7 +7,9 @@ The budget is an output-SQNR floor and/or a largest drop of a metric measured ag
 pipeline: top-1 agreement with it by default, or a user's `module:callable(logits, labels) -> float` (higher is
 better) on labelled data. The worst nodes fall back first; the smallest such prefix that meets the budget is found
 by doubling then bisecting over the prefix length (the metric need not be monotonic, so it is a good, not the
-least, set). Without a budget the pass only reports the sensitivities.
+least, set). If bias-correct ran before, sensitivities are measured without it and every candidate is corrected
+again from scratch (corrections measured with a layer in int8 over-correct once it is float). Without a budget the
+pass only reports the sensitivities.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from slimc import ops
 from slimc.errors import PipelineError
 from slimc.ir import Graph, Node
 from slimc.pass_manager import PassContext, PassResult, compare, opt, register_pass
+from slimc.passes.quant.bias_correct import correct
 from slimc.passes.quant.fold import dequantized_weight
 from slimc.passes.quant.qdq import (Samples, activation_source, check_twins, float_model, float_source, int8_nodes,
                                     load_samples, run_outputs)
@@ -141,6 +144,21 @@ def sensitivities(q: Graph, f: Graph, nodes: Sequence[Node], samples: Samples, b
     return out
 
 
+def _before_bias_correction(graph: Graph, f: Graph, ctx: PassContext) -> tuple[Graph, Callable[[Graph], Graph] | None]:
+    """The QDQ graph before bias-correct and a function redoing that correction on a candidate, if bias-correct ran
+    on this graph; else (graph, None). A correction measured with a layer in int8 is wrong once it is float again."""
+    given = ctx.inputs_of.get("bias-correct")
+    if given is None or [n.name for n in int8_nodes(given.graph)] != [n.name for n in int8_nodes(graph)]:
+        return graph, None
+    opts = given.options
+    samples = load_samples(ctx.calibration_data, opts.get("samples", 64), WHO)
+
+    def redo(g: Graph) -> Graph:
+        return correct(g, f, samples, opts.get("batch_size", 16), opts.get("active_only", True))[0]
+
+    return given.graph, redo
+
+
 def _budget(ctx: PassContext) -> Budget:
     o = ctx.options
     floor, drop, metric = o.get("sqnr_floor", 0.0), o.get("max_drop", -1.0), o.get("metric", "agreement")
@@ -184,7 +202,8 @@ def quant_fallback(graph: Graph, ctx: PassContext) -> PassResult:
     ref = run_outputs(reference, samples, bs)
     ref_metric = 1.0 if metric is None else float(metric(ref[0], samples.labels))
 
-    sens = sensitivities(graph, f, nodes, samples.head(sens_n), bs, ctx.log)
+    base, redo = _before_bias_correction(graph, f, ctx)
+    sens = sensitivities(base, f, nodes, samples.head(sens_n), bs, ctx.log)
     order = sorted(sens, key=lambda name: sens[name])
     stats: dict = {"int8_nodes": len(nodes), "sensitivity_db": sens, "budget": {
         "sqnr_floor": budget.sqnr_floor, "max_drop": budget.max_drop, "metric": budget.metric,
@@ -196,7 +215,8 @@ def quant_fallback(graph: Graph, ctx: PassContext) -> PassResult:
 
     def attempt(k: int) -> bool:
         if k not in tried:
-            g = float_fallback(graph, f, order[:k]) if k else graph
+            g = graph if k == 0 else float_fallback(base, f, order[:k])
+            g = redo(g) if k and redo is not None else g
             ok, figures = budget.check(run_outputs(g, samples, bs), ref, samples, ref_metric, metric)
             tried[k] = (ok, figures, g)
             ctx.log(f"{WHO}: {k} node(s) in float: {figures} -> {'meets' if ok else 'misses'} the budget")
@@ -220,9 +240,14 @@ def quant_fallback(graph: Graph, ctx: PassContext) -> PassResult:
                     lo = mid
     k = hi if hi is not None else cap
     ok, figures, out = tried[k]
+    int8 = {n.name for n in nodes}
+
+    def share(j: int) -> float:
+        return round(mac_share(f, int8 - set(order[:j])), 4)
+
     stats.update({"float_fallback": order[:k], "met": ok, "before": tried[0][1], "after": figures,
-                  "evaluations": len(tried), "int8_mac_share": round(mac_share(f, {n.name for n in nodes}
-                                                                               - set(order[:k])), 4)})
+                  "int8_mac_share": share(k),
+                  "tried": [{"float_nodes": j, **tried[j][1], "int8_mac_share": share(j)} for j in sorted(tried)]})
     if not ok:
         ctx.log(f"warning: {WHO}: the budget is not met with {k} node(s) in float ({figures}); raise max_layers "
                 "or relax sqnr_floor / max_drop")

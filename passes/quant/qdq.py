@@ -7,17 +7,15 @@ inserts nodes and swaps weight operands), which is how a QDQ layer finds its flo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from slimc import ops
 from slimc.errors import PipelineError
 from slimc.ir import Graph, Node
 from slimc.pass_manager import PassContext
 from slimc.passes.quant.fold import dequantized_weight
-from slimc.rewrite import Edit
 
 LAYER_OPS = ("conv2d", "dense")
 
@@ -75,27 +73,6 @@ def check_twins(q: Graph, f: Graph, nodes: Sequence[Node], who: str) -> None:
         raise PipelineError(f"{who}: layer(s) {', '.join(bad[:5])} of the int8 graph have no matching layer in the "
                             "float graph quantize started from; run it right after quantize (and bias-correct), "
                             "before passes that change the graph's structure such as fold-qdq")
-
-
-def expose_preactivations(g: Graph, names: Sequence[str]) -> tuple[Graph, dict[str, str]]:
-    """`g` with each named layer's fused activation split off into its own node (same output name), and the value
-    holding each layer's pre-activation output: bias shifts act linearly there, not after relu6."""
-    e = Edit(g)
-    pre: dict[str, str] = {}
-    for name in names:
-        n = g.node(name)
-        act = n.attrs.get("act", "none")
-        if act == "none":
-            pre[name] = name
-            continue
-        linear = {k: v for k, v in n.attrs.items() if k not in ("act", "clip_min", "clip_max")}
-        p = e.fresh_name(f"{name}.preact")
-        layer = e.make_node(p, n.op, n.inputs, linear, n.source)
-        attrs = {"min": n.attrs.get("clip_min"), "max": n.attrs.get("clip_max")} if act == "clip" else {}
-        act_node = ops.make_node(name, act, (p,), layer.out_types, attrs, n.source)
-        e.replace_node(name, layer, act_node)
-        pre[name] = p
-    return e.apply(), pre
 
 
 @dataclass(frozen=True)
@@ -159,33 +136,3 @@ def run_outputs(g: Graph, samples: Samples, batch_size: int) -> list[np.ndarray]
 
     outs = [interpreter.run(g, list(b)) for b in batches(g, samples, batch_size)]
     return [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]
-
-
-def channel_means(g: Graph, values: Mapping[str, str], samples: Samples, batch_size: int,
-                  axis_of: Callable[[str], int]) -> dict[str, np.ndarray]:
-    """Per-channel mean (float64) of each `values[key]` over the samples; the channel axis is `axis_of(key)`."""
-    import torch
-
-    from slimc import interpreter
-
-    by_value = {v: k for k, v in values.items()}
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-
-    def hook(node: Node, outs) -> None:
-        for v, t in zip(node.outputs, outs):
-            key = by_value.get(v)
-            if key is None:
-                continue
-            ax = axis_of(key) % t.dim()
-            dims = tuple(d for d in range(t.dim()) if d != ax)
-            s = t.detach().double().sum(dim=dims).numpy()
-            sums[key] = sums.get(key, 0.0) + s
-            counts[key] = counts.get(key, 0) + t.numel() // t.shape[ax]
-
-    module = interpreter.GraphModule(g)
-    dtypes = [getattr(torch, t.dtype) for _, t in g.inputs]
-    with torch.no_grad():
-        for b in batches(g, samples, batch_size):
-            module(*(torch.as_tensor(np.ascontiguousarray(a)).to(dt) for a, dt in zip(b, dtypes)), hook=hook)
-    return {k: sums[k] / counts[k] for k in sums}

@@ -136,7 +136,7 @@ def _quant_lines(q: dict | None) -> list[str]:
              "- int8 dot-product instructions in the library: "
              + (", ".join(f"{k} {v}" for k, v in dots.items()) if dots else "not counted"), "",
              "Per-layer SQNR, int8 vs float (errors accumulated from the input):", "", "```"]
-    rows = [[v, f"{db:.1f}"] for v, db in q["layer_sqnr_db"].items()]
+    rows = [[v, "exact" if db is None else f"{db:.1f}"] for v, db in q["layer_sqnr_db"].items()]
     return lines + [table(["value", "SQNR dB"], rows) if rows else "(no sample inputs)", "```", ""]
 
 

@@ -197,13 +197,14 @@ class _Folder:
 
 def fold_weight_dequantize(g: Graph) -> tuple[Graph, int]:
     """Dequantizes of constants left after folding become float constants (float fallback layers)."""
+    import torch
+
+    from slimc.interpreter import run_node
+
     e = Edit(g)
     count = 0
     for n in g.nodes:
         if n.op == "dequantize" and all(g.is_param(i) for i in n.inputs):
-            from slimc.interpreter import run_node
-            import torch
-
             args = [torch.from_numpy(np.ascontiguousarray(g.weight(i))) for i in n.inputs]
             (value,) = run_node(n, args)
             const = e.add_param(f"{n.inputs[0]}.float", value.numpy().astype(np.float32))

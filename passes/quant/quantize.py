@@ -72,7 +72,7 @@ def _activation_plan(g: Graph, quantized: list[Node], scheme: Scheme) -> dict[st
     return plan
 
 
-def _layer_sqnr(before: Graph, after: Graph, renamed: Mapping[str, str], inputs) -> dict[str, float]:
+def _layer_sqnr(before: Graph, after: Graph, renamed: Mapping[str, str], inputs) -> dict[str, float | None]:
     """SQNR (dB) of each quantized activation against the float model's value, errors accumulated from the input."""
     import torch
 
@@ -91,12 +91,12 @@ def _layer_sqnr(before: Graph, after: Graph, renamed: Mapping[str, str], inputs)
         return seen
 
     ref, got = values(before, set(renamed)), values(after, set(renamed.values()))
-    out: dict[str, float] = {}
+    out: dict[str, float | None] = {}  # None: no error at all (JSON has no infinity)
     for v, dq in renamed.items():
         if v in ref and dq in got:
             r = ref[v].double()
             noise = float(((r - got[dq].double()) ** 2).sum())
-            out[v] = round(10 * np.log10(float((r ** 2).sum()) / noise), 1) if noise > 0 else float("inf")
+            out[v] = round(10 * np.log10(float((r ** 2).sum()) / noise), 1) if noise > 0 else None
     return out
 
 

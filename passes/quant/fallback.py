@@ -97,6 +97,7 @@ def float_fallback(q: Graph, f: Graph, names: Collection[str]) -> Graph:
 
 
 def sqnr_db(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
+    """Output SQNR (dB) over all samples and outputs, as the pass manager's numeric check reports it."""
     return float(compare(outputs, reference).sqnr_db)
 
 

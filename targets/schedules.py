@@ -77,14 +77,8 @@ def _schedule_conv(sch, names: list[str], vector_registers: int) -> None:
     data = next(p for p in sch.mod["main"].params if len(p.shape) == 5)
     ic_block = int(data.shape[-1])
     tile = conv_tile(out_w, oc_chunks, vector_registers)
-    out = _epilogue(sch, conv, names)
-    n, c, h, w, cb = sch.get_loops(out)
-    co, ci = sch.split(c, [None, tile.oc_tiles])
-    wo, wi = sch.split(w, [None, tile.reg_w])
-    sch.reorder(n, co, h, wo, ci, wi, cb)
-    sch.compute_at(conv, wo)
-    lp = _named_loops_below(sch, conv, wo, [("c_i", tile.oc_tiles), ("w_i", tile.reg_w), ("ocb", oc_block),
-                                            ("ic", ic_total), ("kh", kh), ("kw", kw)])
+    (n, co, h, wi, cb), lp = _tile_output(sch, conv, names, tile, [("ocb", oc_block), ("ic", ic_total),
+                                                                       ("kh", kh), ("kw", kw)])
     if "ic" not in lp or "ocb" not in lp:
         raise ValueError("no channel loops to block")
     ic_o, ic_i = sch.split(lp["ic"], [None, ic_block])
@@ -103,30 +97,14 @@ def _schedule_conv_int8(sch, names: list[str], vector_registers: int) -> None:
     extents = [int(sch.get(lp).extent) for lp in sch.get_loops(conv)]
     _, oc_chunks, _, out_w, oc_block, kh, kw, ic_outer, ic_f, lanes = extents
     tile = conv_tile(out_w, oc_chunks, vector_registers)
-    out = _epilogue(sch, conv, names)
-    n, c, h, w, cb = sch.get_loops(out)
-    co, ci = sch.split(c, [None, tile.oc_tiles])
-    wo, wi = sch.split(w, [None, tile.reg_w])
-    sch.reorder(n, co, h, wo, ci, wi, cb)
-    sch.compute_at(conv, wo)
-    lp = _named_loops_below(sch, conv, wo, [("c_i", tile.oc_tiles), ("w_i", tile.reg_w), ("ocb", oc_block),
-                                            ("kh", kh), ("kw", kw), ("ic_o", ic_outer), ("ic_f", ic_f),
-                                            ("lanes", lanes)])
+    (n, co, h, wi, cb), lp = _tile_output(sch, conv, names, tile, [
+        ("ocb", oc_block), ("kh", kh), ("kw", kw), ("ic_o", ic_outer), ("ic_f", ic_f), ("lanes", lanes)])
     if "ocb" not in lp or "lanes" not in lp:
         raise ValueError("no 16x4 dot-product block")
     reduce = [lp[k] for k in ("ic_o", "kh", "kw", "ic_f") if k in lp]
     tile_loops = [lp[k] for k in ("c_i", "w_i") if k in lp]
     sch.reorder(*reduce, *tile_loops, lp["ocb"], lp["lanes"])
-    sch.parallel(sch.fuse(n, co, h))
-    for loop in tile_loops:
-        sch.unroll(loop)
-    sch.vectorize(cb)
-    sch.unroll(wi)
-    init = sch.decompose_reduction(conv, reduce[0])
-    loops = sch.get_loops(init)
-    sch.vectorize(loops[-1])
-    for loop in loops[-1 - len(tile_loops):-1]:
-        sch.unroll(loop)
+    _vectorize_tile(sch, conv, reduce[0], None, tile_loops, (n, co, h), cb, wi)
     sch.tensorize(sch.get_loops(conv)[-2], VNNI_16x4)
 
 
@@ -148,29 +126,13 @@ def _schedule_conv_dot(sch, names: list[str], vector_registers: int) -> None:
     if lanes != 4 or oc_block % 4:
         raise ValueError(f"no 4x4 dot-product block in a {oc_block}-channel x {lanes}-lane conv")
     tile = conv_tile(out_w, oc_chunks, NEON_REGISTERS * 4 // oc_block)
-    out = _epilogue(sch, conv, names)
-    n, c, h, w, cb = sch.get_loops(out)
-    co, ci = sch.split(c, [None, tile.oc_tiles])
-    wo, wi = sch.split(w, [None, tile.reg_w])
-    sch.reorder(n, co, h, wo, ci, wi, cb)
-    sch.compute_at(conv, wo)
-    lp = _named_loops_below(sch, conv, wo, [("c_i", tile.oc_tiles), ("w_i", tile.reg_w), ("ocb", oc_block),
-                                            ("ic_o", ic_outer), ("kh", kh), ("kw", kw), ("ic_f", ic_f),
-                                            ("lanes", lanes)])
+    (n, co, h, wi, cb), lp = _tile_output(sch, conv, names, tile, [
+        ("ocb", oc_block), ("ic_o", ic_outer), ("kh", kh), ("kw", kw), ("ic_f", ic_f), ("lanes", lanes)])
     ocb_o, ocb_i = sch.split(lp["ocb"], [None, 4])
     reduce = [lp[k] for k in ("ic_o", "kh", "kw", "ic_f") if k in lp]
     tile_loops = [lp[k] for k in ("c_i", "w_i") if k in lp] + [ocb_o]
     sch.reorder(*reduce, *tile_loops, ocb_i, lp["lanes"])
-    sch.parallel(sch.fuse(n, co, h))
-    for loop in tile_loops:
-        sch.unroll(loop)
-    sch.vectorize(cb)
-    sch.unroll(wi)
-    init = sch.decompose_reduction(conv, (reduce or tile_loops)[0])
-    loops = sch.get_loops(init)
-    sch.vectorize(loops[-1])
-    for loop in loops[-1 - len(tile_loops):-1]:
-        sch.unroll(loop)
+    _vectorize_tile(sch, conv, (reduce or tile_loops)[0], None, tile_loops, (n, co, h), cb, wi)
     sch.tensorize(sch.get_loops(conv)[-2], SDOT_4x4)
 
 
@@ -191,10 +153,30 @@ def _schedule_depthwise(sch, names: list[str], vector_registers: int) -> None:
     _vectorize_tile(sch, dw, kernel[0], lp["k"], tile_loops, (n, c, h), cb, wi)
 
 
+def _tile_output(sch, conv, names: list[str], tile: TileConfig, inner: list[tuple[str, int]]):
+    """Split the epilogue's output into register tiles, compute the conv at each tile, and name its loops there.
+
+    Returns the output loops (n, c_outer, h, w_inner, channel block) and the conv's loops below the
+    tile by name: c_i, w_i, then `inner` (name, extent) in the conv's order; unit loops are absent.
+    """
+    out = _epilogue(sch, conv, names)
+    n, c, h, w, cb = sch.get_loops(out)
+    co, ci = sch.split(c, [None, tile.oc_tiles])
+    wo, wi = sch.split(w, [None, tile.reg_w])
+    sch.reorder(n, co, h, wo, ci, wi, cb)
+    sch.compute_at(conv, wo)
+    lp = _named_loops_below(sch, conv, wo, [("c_i", tile.oc_tiles), ("w_i", tile.reg_w), *inner])
+    return (n, co, h, wi, cb), lp
+
+
 def _vectorize_tile(sch, block, reduce_from, vector_loop, tile_loops: list, rows: tuple, out_vector, out_cols) -> None:
-    """Parallel output rows, channel-block vectors, unrolled register tile; the same for the init block."""
+    """Parallel output rows, channel-block vectors, unrolled register tile; the same for the init block.
+
+    `vector_loop` None: the block's innermost loops are left for a tensor intrinsic.
+    """
     sch.parallel(sch.fuse(*rows))
-    sch.vectorize(vector_loop)
+    if vector_loop is not None:
+        sch.vectorize(vector_loop)
     for loop in tile_loops:
         sch.unroll(loop)
     sch.vectorize(out_vector)

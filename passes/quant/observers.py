@@ -214,17 +214,24 @@ class StreamingHistogram:
         return mags[: (top >> m) + 1], self.width * 2.0 ** m
 
 
-class PercentileObserver(Observer):
+class HistogramObserver(Observer):
+    """Observers that choose a range from a streaming histogram of everything seen."""
+
+    def __init__(self, bins: int) -> None:
+        self.hist = StreamingHistogram(bins)
+
+    def update(self, x: Any) -> None:
+        self.hist.update(x)
+
+
+class PercentileObserver(HistogramObserver):
     """The (100-p)-th and p-th percentiles (two-sided clipping of rare outliers), read off a streaming histogram."""
 
     def __init__(self, percentile: float = 99.99, bins: int = 4096) -> None:
         if not 50.0 < percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {percentile}")
+        super().__init__(bins)
         self.percentile = percentile
-        self.hist = StreamingHistogram(bins)
-
-    def update(self, x: Any) -> None:
-        self.hist.update(x)
 
     def range(self) -> tuple[float, float]:
         h = self.hist
@@ -295,7 +302,7 @@ def _kl_rows(p: np.ndarray, q: np.ndarray, valid: np.ndarray, eps: float) -> np.
     return kl
 
 
-class EntropyObserver(Observer):
+class EntropyObserver(HistogramObserver):
     """TensorRT-style KL calibration on a histogram of |x| (at most 2048 cells).
 
     An unsigned value (nothing below 0, e.g. after ReLU) gets the range [0, T] with T chosen for the full
@@ -304,11 +311,8 @@ class EntropyObserver(Observer):
     """
 
     def __init__(self, bins: int = 4096, search_bins: int = 2048) -> None:
-        self.hist = StreamingHistogram(bins)
+        super().__init__(bins)
         self.search_bins = search_bins
-
-    def update(self, x: Any) -> None:
-        self.hist.update(x)
 
     def range(self) -> tuple[float, float]:
         h = self.hist
@@ -325,19 +329,16 @@ class EntropyObserver(Observer):
         return with_zero(max(h.lo, -t), min(h.hi, t))
 
 
-class MSEObserver(Observer):
+class MSEObserver(HistogramObserver):
     """The range minimizing the u8 quantize-dequantize mean squared error over the histogram (cell centres).
 
     A search over shrunk min-max ranges [a*lo, a*hi], then (for signed values) alternately over each end alone.
     """
 
     def __init__(self, bins: int = 4096, candidates: int = 200, qmax: int = LEVELS - 1) -> None:
-        self.hist = StreamingHistogram(bins)
+        super().__init__(bins)
         self.candidates = candidates
         self.qmax = qmax
-
-    def update(self, x: Any) -> None:
-        self.hist.update(x)
 
     def range(self) -> tuple[float, float]:
         h = self.hist

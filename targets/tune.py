@@ -104,11 +104,26 @@ def open_database(path: str, target, summary: TuneSummary, log=print):
     return db
 
 
+def vectorizable_rounding() -> None:
+    """Let TIR's vectorizer emit vector `nearbyint` (LLVM: vrndscaleps / frintx) instead of scalarizing the loop.
+
+    TVM 0.27 marks `round`, `floor`, `exp`... as vectorizable but not `nearbyint`, which `R.round` legalizes
+    to: every requantizing epilogue was compiled lane by lane (measured: a 32->16 1x1 int8 conv at 112x112,
+    0.169 ms scalar, 0.031 ms vector). Idempotent; process-wide like TVM's own op attributes.
+    """
+    import tvm
+
+    op = tvm.ir.Op.get("tirx.nearbyint")
+    if not op.get_attr("TVectorizable"):
+        tvm.ir.register_op_attr("tirx.nearbyint", "TVectorizable", True)
+
+
 def prepare(mod, tvm_target):
     """Legalize and fuse a lowered module (the form whose PrimFuncs are tuned and built)."""
     import tvm
     from tvm import relax
 
+    vectorizable_rounding()
     with tvm_target:
         return tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
                                          relax.transform.CanonicalizeBindings(),

@@ -43,7 +43,9 @@ def bench_model(name: str, args) -> dict:
     xn = x.numpy()
     with torch.no_grad():
         ref = model(x).numpy()
-    row: dict = {"model": name, "threads": torch.get_num_threads()}
+    from slimc.targets.measure import host_threads
+
+    row: dict = {"model": name, "threads": torch.get_num_threads(), "slimc_threads": host_threads()}
 
     with torch.no_grad():
         row["pytorch"] = timed(lambda: model(x), args)

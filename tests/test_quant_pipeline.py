@@ -42,12 +42,23 @@ def calibrated():
 
 def test_qparams_put_zero_on_the_grid():
     s, z = activation_qparams(-1.0, 3.0)
-    assert z == 64 and np.isclose(s, 4 / 255)
+    assert z == 64 and np.isclose(s, 4 / 255, rtol=1e-4)
     assert (0.0 - 0.0) == (int(z) - z)  # zero maps to an integer exactly
     s, z = activation_qparams(0.5, 2.0)  # widened to contain 0
-    assert z == 0 and np.isclose(s, 2.0 / 255)
+    assert z == 0 and np.isclose(s, 2.0 / 255, rtol=1e-4)
     q, scale = weight_qparams(np.array([[1.0, -0.5], [0.0, 0.0]], np.float32))
     assert q.dtype == np.int8 and q[0].tolist() == [127, -64] and q[1].tolist() == [0, 0] and scale[1] == 1.0
+
+
+def test_dequantized_activations_are_exact_in_float32():
+    """(q - zp) * scale must not round: LLVM contracts it with the following add into an FMA, the interpreter not."""
+    rng = np.random.default_rng(0)
+    q = np.arange(256, dtype=np.float64)
+    for lo, hi in zip(-rng.exponential(3.0, 200) * (rng.random(200) < 0.5), rng.exponential(10.0, 200)):
+        s, z = activation_qparams(lo, hi)
+        exact = (q - float(z)) * float(s)
+        assert np.array_equal(exact.astype(np.float32).astype(np.float64), exact), (lo, hi, s)
+        assert (hi - min(lo, 0.0)) / 255 <= float(s) <= (hi - min(lo, 0.0)) / 255 * (1 + 2.0 ** -14)  # rounded up
 
 
 def test_quantize_inserts_qdq_and_stays_close(calibrated):

@@ -31,6 +31,18 @@ def scheme_for(target) -> Scheme:
                        "will run about as fast as fp32; quantize for size, or pick a target with one")
 
 
+#: significant bits of an activation scale: (q - zero_point) * scale, a 9-bit integer times the scale, is then
+#: exact in float32, so whether LLVM contracts a dequantize's multiply with the next add into an FMA (it does)
+#: cannot change the result, and integer adds stay bit-exact against the interpreter
+SCALE_BITS = 15
+
+
+def exact_product_scale(scale: float) -> np.float32:
+    """`scale` rounded up to SCALE_BITS significant bits (up: the grid still holds the calibrated range)."""
+    m, e = np.frexp(np.float64(scale))
+    return np.float32(np.ldexp(np.ceil(m * 2.0 ** SCALE_BITS), int(e) - SCALE_BITS))
+
+
 def activation_qparams(lo: float, hi: float, qmax: int = 255) -> tuple[np.float32, np.uint8]:
     """Asymmetric u8 (scale, zero point) whose grid holds the range widened to contain 0 (0 is exact)."""
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
@@ -38,7 +50,7 @@ def activation_qparams(lo: float, hi: float, qmax: int = 255) -> tuple[np.float3
         raise ValueError(f"calibrated range [{lo}, {hi}] is not finite")
     if hi - lo <= 0.0:
         return np.float32(1.0), np.uint8(0)
-    scale = np.float32((hi - lo) / qmax)
+    scale = exact_product_scale((hi - lo) / qmax)
     zp = int(np.clip(np.round(-lo / float(scale)), 0, qmax))
     return scale, np.uint8(zp)
 

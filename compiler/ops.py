@@ -205,25 +205,26 @@ def _conv_macs(i: Sequence[TensorType], o: Sequence[TensorType], a: Mapping[str,
     "stride": Attr("ints", (1, 1)), "padding": Attr("ints", (0, 0, 0, 0)), "dilation": Attr("ints", (1, 1)),
     "groups": Attr("int", 1), **_ACT,
 }, macs=_conv_macs, doc="NCHW convolution, OIHW weight; padding is [top, left, bottom, right]")
-def _conv2d(t, a):
+def _conv2d(t, a, op: str = "conv2d"):
+    """Conv shape inference; `op` names the op in errors (qconv2d reuses it)."""
     x, w = t[0], t[1]
     if x.rank != 4 or w.rank != 4:
-        raise _fail(f"conv2d: expects NCHW input and OIHW weight, got {x} and {w}")
+        raise _fail(f"{op}: expects NCHW input and OIHW weight, got {x} and {w}")
     g = a.get("groups", 1)
     c = x.shape[1]
     if isinstance(c, int) and c != w.shape[1] * g:
-        raise _fail(f"conv2d: input has {c} channels but weight {w} with groups={g} expects {w.shape[1] * g}")
+        raise _fail(f"{op}: input has {c} channels but weight {w} with groups={g} expects {w.shape[1] * g}")
     if isinstance(w.shape[0], int) and w.shape[0] % g:
-        raise _fail(f"conv2d: {w.shape[0]} output channels not divisible by groups={g}")
+        raise _fail(f"{op}: {w.shape[0]} output channels not divisible by groups={g}")
     if len(t) == 3 and t[2].shape != (w.shape[0],):
-        raise _fail(f"conv2d: bias {t[2]} does not match {w.shape[0]} output channels")
+        raise _fail(f"{op}: bias {t[2]} does not match {w.shape[0]} output channels")
     st, pad, dil = a.get("stride", (1, 1)), a.get("padding", (0, 0, 0, 0)), a.get("dilation", (1, 1))
     if len(st) != 2 or len(pad) != 4 or len(dil) != 2:
-        raise _fail("conv2d: stride/dilation need 2 values and padding 4 ([top, left, bottom, right])")
-    h = _spatial_out(x.shape[2], w.shape[2], st[0], pad[0], pad[2], dil[0], False, "conv2d")
-    wd = _spatial_out(x.shape[3], w.shape[3], st[1], pad[1], pad[3], dil[1], False, "conv2d")
-    _check_act(a, "conv2d")
-    return (TensorType((x.shape[0], w.shape[0], h, wd), _same_dtype(t, "conv2d")),)
+        raise _fail(f"{op}: stride/dilation need 2 values and padding 4 ([top, left, bottom, right])")
+    h = _spatial_out(x.shape[2], w.shape[2], st[0], pad[0], pad[2], dil[0], False, op)
+    wd = _spatial_out(x.shape[3], w.shape[3], st[1], pad[1], pad[3], dil[1], False, op)
+    _check_act(a, op)
+    return (TensorType((x.shape[0], w.shape[0], h, wd), _same_dtype(t, op)),)
 
 
 def _check_act(a: Mapping[str, Any], op: str) -> None:
@@ -236,14 +237,15 @@ def _check_act(a: Mapping[str, Any], op: str) -> None:
 @register_op("dense", ["x", "w", "b?"], _ACT,
              macs=lambda i, o, a: o[0].numel() * i[1].shape[1],  # type: ignore[operator]
              doc="y = x @ w.T + b over the last axis of x; w is [out, in]")
-def _dense(t, a):
+def _dense(t, a, op: str = "dense"):
+    """Dense shape inference; `op` names the op in errors (qdense reuses it)."""
     x, w = t[0], t[1]
     if w.rank != 2 or x.rank < 1 or x.shape[-1] != w.shape[1]:
-        raise _fail(f"dense: input {x} does not fit weight {w} ([out, in])")
+        raise _fail(f"{op}: input {x} does not fit weight {w} ([out, in])")
     if len(t) == 3 and t[2].shape != (w.shape[0],):
-        raise _fail(f"dense: bias {t[2]} does not match {w.shape[0]} outputs")
-    _check_act(a, "dense")
-    return (TensorType(x.shape[:-1] + (w.shape[0],), _same_dtype(t, "dense")),)
+        raise _fail(f"{op}: bias {t[2]} does not match {w.shape[0]} outputs")
+    _check_act(a, op)
+    return (TensorType(x.shape[:-1] + (w.shape[0],), _same_dtype(t, op)),)
 
 
 def _matmul_macs(i, o, a) -> int:
@@ -564,7 +566,7 @@ def _qconv2d(t, a):
     _check_integer_layer(t, w.shape[0], "qconv2d")
     fx, fw = TensorType(x.shape, "float32"), TensorType(w.shape, "float32")
     conv_attrs = {k: v for k, v in a.items() if k in ("stride", "padding", "dilation", "groups")}
-    (out,) = _conv2d([fx, fw], conv_attrs)
+    (out,) = _conv2d([fx, fw], conv_attrs, "qconv2d")
     return (TensorType(out.shape, _check_qout(a, "qconv2d")),)
 
 
@@ -574,7 +576,7 @@ def _qconv2d(t, a):
 def _qdense(t, a):
     x, w = t[0], t[1]
     _check_integer_layer(t, w.shape[0], "qdense")
-    (out,) = _dense([TensorType(x.shape, "float32"), TensorType(w.shape, "float32")], {})
+    (out,) = _dense([TensorType(x.shape, "float32"), TensorType(w.shape, "float32")], {}, "qdense")
     return (TensorType(out.shape, _check_qout(a, "qdense")),)
 
 

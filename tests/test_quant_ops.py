@@ -348,8 +348,6 @@ def test_bad_operands_raise_ir_errors_naming_the_op(op, types, attrs, match):
         ops.infer(op, types, attrs)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="ops.py: qconv2d/qdense reuse conv2d/dense inference, whose shape errors name conv2d/dense")
 @pytest.mark.parametrize("op,types", [
     ("qconv2d", [T((1, 5, 6, 6), U8_), W, B8, S8]),
     ("qdense", [T((2, 7), U8_), T((3, 8), I8_), T((3,), I32), T((3,), F32)])])

@@ -141,8 +141,9 @@ def _train(cfg: TrainConfig, split: Split, log: Callable[[str], None]) -> MnistC
 
 
 def cache_dir() -> str:
-    base = os.environ.get("SLIMC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "slimc")
-    return os.path.join(base, "bench")
+    from slimc.cache import cache_dir as slimc_cache
+
+    return slimc_cache("bench")
 
 
 def trained_model(cfg: TrainConfig = TrainConfig(), log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)

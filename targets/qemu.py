@@ -50,9 +50,9 @@ def _stderr(msg: str) -> None:
 
 def rootfs_path() -> str:
     """Where the arm64 rootfs lives: under slimc's cache dir, next to the tuning databases."""
-    from slimc.targets.tune import cache_dir
+    from slimc.cache import cache_dir
 
-    return os.path.join(cache_dir(), "arm64-rootfs")
+    return cache_dir("arm64-rootfs")
 
 
 def _tool(name: str) -> str | None:

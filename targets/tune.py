@@ -12,6 +12,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 
+from slimc.cache import cache_dir
 from slimc.errors import SlimcError
 
 DB_FORMAT = 1
@@ -22,17 +23,12 @@ class TuningError(SlimcError):
     """Tuning could not run (bad database dir, no tasks, MetaSchedule failure)."""
 
 
-def cache_dir() -> str:
-    """Where slimc keeps tuning databases (override with $SLIMC_CACHE_DIR)."""
-    return os.environ.get("SLIMC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "slimc")
-
-
 def db_dir_for(target) -> str:
     """The default database directory of a target: keyed by triple, CPU, features and TVM version."""
     import tvm
 
     key = "-".join([target.triple, target.mcpu] + [a.strip("+") for a in target.mattr if a.startswith("+")])
-    return os.path.join(cache_dir(), "tune", f"{key}-tvm{tvm.__version__}")
+    return cache_dir("tune", f"{key}-tvm{tvm.__version__}")
 
 
 @dataclass

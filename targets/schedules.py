@@ -90,9 +90,9 @@ def _schedule_conv(sch, names: list[str], vector_registers: int) -> None:
 
 def _schedule_conv_int8(sch, names: list[str], vector_registers: int) -> None:
     """u8 x s8 -> s32 conv: the register tile's innermost 16 channels x 4 inputs is one vpdpbusd."""
-    from slimc.targets.intrinsics import VNNI_16x4, register_int8_intrinsics
+    from slimc.targets.intrinsics import VNNI, register
 
-    register_int8_intrinsics()
+    register(VNNI)
     conv = sch.get_sblock(CONV_INT8_BLOCK)
     extents = [int(sch.get(lp).extent) for lp in sch.get_loops(conv)]
     _, oc_chunks, _, out_w, oc_block, kh, kw, ic_outer, ic_f, lanes = extents
@@ -105,7 +105,7 @@ def _schedule_conv_int8(sch, names: list[str], vector_registers: int) -> None:
     tile_loops = [lp[k] for k in ("c_i", "w_i") if k in lp]
     sch.reorder(*reduce, *tile_loops, lp["ocb"], lp["lanes"])
     _vectorize_tile(sch, conv, reduce[0], None, tile_loops, (n, co, h), cb, wi)
-    sch.tensorize(sch.get_loops(conv)[-2], VNNI_16x4)
+    sch.tensorize(sch.get_loops(conv)[-2], VNNI.name)
 
 
 NEON_REGISTERS = 32  # AArch64 has 32 128-bit vector registers, whatever the caller assumed for fp32
@@ -117,9 +117,9 @@ def _schedule_conv_dot(sch, names: list[str], vector_registers: int) -> None:
     `vector_registers` is ignored: the tile is sized for NEON's 32 registers, half of them accumulators (each
     output column holds ob/4 int32x4 vectors), as in `conv_tile`.
     """
-    from slimc.targets.intrinsics import SDOT_4x4, register_arm_intrinsics
+    from slimc.targets.intrinsics import SDOT, register
 
-    register_arm_intrinsics()
+    register(SDOT)
     conv = sch.get_sblock(CONV_DOT_BLOCK)
     extents = [int(sch.get(lp).extent) for lp in sch.get_loops(conv)]
     _, oc_chunks, _, out_w, oc_block, ic_outer, kh, kw, ic_f, lanes = extents
@@ -133,7 +133,7 @@ def _schedule_conv_dot(sch, names: list[str], vector_registers: int) -> None:
     tile_loops = [lp[k] for k in ("c_i", "w_i") if k in lp] + [ocb_o]
     sch.reorder(*reduce, *tile_loops, ocb_i, lp["lanes"])
     _vectorize_tile(sch, conv, (reduce or tile_loops)[0], None, tile_loops, (n, co, h), cb, wi)
-    sch.tensorize(sch.get_loops(conv)[-2], SDOT_4x4)
+    sch.tensorize(sch.get_loops(conv)[-2], SDOT.name)
 
 
 def _schedule_depthwise(sch, names: list[str], vector_registers: int) -> None:

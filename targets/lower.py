@@ -107,9 +107,9 @@ class Lowerer:
     def emit(self, expr, block: int = 0) -> Val:
         return Val(self.bb.emit(expr), block)
 
-    def channel_const(self, vec: np.ndarray, block: int):
+    def channel_const(self, vec: np.ndarray, block: int, dtype: str = "float32"):
         """A per-channel vector shaped to broadcast over NCHW ([1,C,1,1]) or NCHW[b]c ([1,C/b,1,1,b])."""
-        vec = np.asarray(vec, np.float32)
+        vec = np.asarray(vec, dtype)
         if block:
             return self.const(vec.reshape(1, -1, 1, 1, block))
         return self.const(vec.reshape(1, -1, 1, 1))

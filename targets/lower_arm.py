@@ -93,13 +93,10 @@ def _padded_outputs(w: np.ndarray, bias: np.ndarray, scale: np.ndarray, ob: int)
     return np.pad(w, widths), np.pad(bias, (0, extra)), np.pad(scale, (0, extra), constant_values=1.0)
 
 
-def _dot_conv(lw: Lowerer, x, w: np.ndarray, bias: np.ndarray, ib: int, ob: int, stride, dilation):
-    """The packed sdot conv plus its int32 bias on NCHW[ib]c s8 data: the int32 accumulator in NCHW[ob]c."""
-    from tvm.relax import op as R
-
-    acc = lw.bb.emit_te(conv2d_nchwc_dot_te, x, lw.const(pack_int8_conv_weight(w, ib, ob)), tuple(stride),
-                        tuple(dilation), "int32", primfunc_name_hint=CONV_DOT_BLOCK)
-    return lw.bb.emit(R.add(acc, lw.const(bias.reshape(1, -1, 1, 1, ob))))
+def _dot_conv(lw: Lowerer, x, w: np.ndarray, ib: int, ob: int, stride, dilation):
+    """The packed sdot conv on NCHW[ib]c s8 data: the int32 accumulator in NCHW[ob]c."""
+    return lw.bb.emit_te(conv2d_nchwc_dot_te, x, lw.const(pack_int8_conv_weight(w, ib, ob)), tuple(stride),
+                         tuple(dilation), "int32", primfunc_name_hint=CONV_DOT_BLOCK)
 
 
 def lower_qconv2d(lw: Lowerer, n: Node) -> list[Val]:
@@ -114,8 +111,8 @@ def lower_qconv2d(lw: Lowerer, n: Node) -> list[Val]:
     x, w = _lane_padded_input(lw, n, w, ib, float(a["x_zero_point"]))
     x = _spatial_pad(lw, _to_s8(lw, x), a["padding"], 5, float(a["x_zero_point"] - S8_SHIFT))
     w, bias, scale = _padded_outputs(w, g.weight(n.inputs[2]), g.weight(n.inputs[3]), ob)
-    acc = _dot_conv(lw, x, w, dot_bias(bias, w), ib, ob, a["stride"], a["dilation"])
-    y = requantize(lw, acc, n, scale, ob)
+    acc = _dot_conv(lw, x, w, ib, ob, a["stride"], a["dilation"])
+    y = requantize(lw, acc, n, scale, ob, dot_bias(bias, w))
     if w.shape[0] == cout:
         return [Val(y, ob)]
     y = lw.bb.emit(R.layout_transform(y, index_map=lambda b, cb, h, w_, ci: (b, cb * ob + ci, h, w_)))
@@ -138,8 +135,8 @@ def lower_qdense(lw: Lowerer, n: Node) -> list[Val]:
     x = lw.bb.emit(R.reshape(_to_s8(lw, x), (rows, (k + extra) // ib, ib)))
     x = lw.bb.emit(R.reshape(R.permute_dims(x, [1, 0, 2]), (1, (k + extra) // ib, 1, rows, ib)))
     w, bias, scale = _padded_outputs(w, g.weight(n.inputs[2]), g.weight(n.inputs[3]), ob)
-    acc = _dot_conv(lw, x, w[:, :, None, None], dot_bias(bias, w), ib, ob, (1, 1), (1, 1))
-    y = requantize(lw, acc, n, scale, ob)  # [1, O/ob, 1, N, ob]
+    acc = _dot_conv(lw, x, w[:, :, None, None], ib, ob, (1, 1), (1, 1))
+    y = requantize(lw, acc, n, scale, ob, dot_bias(bias, w))  # [1, O/ob, 1, N, ob]
     y = lw.bb.emit(R.reshape(y, (w.shape[0] // ob, rows, ob)))
     y = lw.bb.emit(R.reshape(R.permute_dims(y, [1, 0, 2]), (rows, w.shape[0])))
     if w.shape[0] == cout:

@@ -58,12 +58,17 @@ def _dequantize(lw: Lowerer, n: Node):
     return [lw.emit(R.multiply(y, _broadcast_const(lw, scale.astype(np.float32), axis, rank, v.block)), v.block)]
 
 
-def requantize(lw: Lowerer, acc, n: Node, scale: np.ndarray | None, block: int):
-    """int32 accumulator (+ its per-channel scale) -> act -> float32 output or the node's integer grid."""
+def requantize(lw: Lowerer, acc, n: Node, scale: np.ndarray | None, block: int, bias: np.ndarray | None = None):
+    """int32 conv accumulator (+ its int32 bias, x its per-channel scale) -> act -> float32 or the node's grid.
+
+    `block` is the accumulator's channel block (0: NCHW); `bias` and `scale` are per output channel.
+    """
     from tvm.relax import op as R
 
     a = n.attrs
     bb = lw.bb
+    if bias is not None:
+        acc = bb.emit(R.add(acc, lw.channel_const(bias, block, "int32")))
     y = bb.emit(R.astype(acc, "float32")) if scale is not None else acc
     if scale is not None:
         y = bb.emit(R.multiply(y, lw.channel_const(scale, block)))
@@ -136,8 +141,7 @@ def _vnni_conv(lw: Lowerer, n: Node, w: np.ndarray, bias: np.ndarray, scale: np.
         acc = lw.bb.emit_te(topi.nn.conv2d_NCHWc_int8, x, lw.const(pack_int8_conv_weight(w, ib, ob)),
                             stride, (0, 0), dilation, f"NCHW{ib}c", f"NCHW{ob}c", "int32",
                             VNNI_IC_LANES, primfunc_name_hint="conv2d_NCHWc_int8")
-    acc = lw.bb.emit(R.add(acc, lw.const(bias.reshape(1, -1, 1, 1, ob))))
-    y = requantize(lw, acc, n, scale, ob)
+    y = requantize(lw, acc, n, scale, ob, bias)
     if not extra:
         return Val(y, ob)
     y = lw.bb.emit(R.layout_transform(y, index_map=lambda b, cb, h, w_, ci: (b, cb * ob + ci, h, w_)))
@@ -169,15 +173,13 @@ def _qconv2d(lw: Lowerer, n: Node):
         x = _spatial_pad(lw, lw.expr(n.inputs[0], b), a["padding"], 5, zp)
         acc = lw.bb.emit_te(depthwise_nchwc_te, x, lw.const(_pack_depthwise_weight(w, b)), tuple(a["stride"]),
                             tuple(a["dilation"]), "int32", primfunc_name_hint="depthwise_conv2d_NCHWc")
-        acc = lw.bb.emit(R.add(acc, lw.const(bias.reshape(1, -1, 1, 1, b))))
-        return [Val(requantize(lw, acc, n, scale, b), b)]
+        return [Val(requantize(lw, acc, n, scale, b, bias), b)]
     # generic integer conv (first layers with few channels, grouped convs, targets without VNNI)
     x = _spatial_pad(lw, lw.expr(n.inputs[0], 0), a["padding"], 4, zp)
     x = lw.bb.emit(R.astype(x, "int32"))
     acc = lw.bb.emit(R.nn.conv2d(x, lw.const(w.astype(np.int32)), tuple(a["stride"]), (0, 0), tuple(a["dilation"]),
                                  a["groups"], out_dtype="int32"))
-    acc = lw.bb.emit(R.add(acc, lw.const(bias.reshape(1, -1, 1, 1))))
-    return [Val(requantize(lw, acc, n, scale, 0))]
+    return [Val(requantize(lw, acc, n, scale, 0, bias))]
 
 
 @lowering("qdense")

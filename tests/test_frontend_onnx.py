@@ -131,15 +131,21 @@ def test_gemm_constant_weight_becomes_dense(opset, trans_a, trans_b, alpha, beta
     assert g.type_of(dense.inputs[1]).shape == (5, 4)  # [out, in]
 
 
-@pytest.mark.parametrize("alpha,beta,with_c", [(1.0, 1.0, True), (0.5, 3.0, True), (2.0, 1.0, False)])
-def test_gemm_runtime_weight_becomes_matmul(alpha, beta, with_c):
+@pytest.mark.parametrize("alpha,beta,with_c,trans_b", [(1.0, 1.0, True, 1), (1.0, 1.0, False, 0), (0.5, 3.0, True, 1),
+                                                     (2.0, 1.0, False, 1)])
+def test_gemm_runtime_weight(alpha, beta, with_c, trans_b):
+    """A computed B becomes dense when alpha is 1 (QDQ models dequantize their weights), else matmul and mul."""
     ins = ["A", "B"] + (["C"] if with_c else [])
-    node = helper.make_node("Gemm", ins, ["Y"], transB=1, alpha=alpha, beta=beta)
-    inputs = [("A", (3, 4)), ("B", (5, 4))] + ([("C", (3, 5))] if with_c else [])
+    node = helper.make_node("Gemm", ins, ["Y"], transB=trans_b, alpha=alpha, beta=beta)
+    b_shape = (5, 4) if trans_b else (4, 5)
+    inputs = [("A", (3, 4)), ("B", b_shape)] + ([("C", (3, 5))] if with_c else [])
     m = make_model([node], inputs, [("Y", (3, 5))])
-    feeds = {"A": rand(3, 4), "B": rand(5, 4), "C": rand(3, 5)}
+    feeds = {"A": rand(3, 4), "B": rand(*b_shape), "C": rand(3, 5)}
     g = compare(m, {k: v for k, v in feeds.items() if k in ins})
-    assert "matmul" in ops_of(g) and "dense" not in ops_of(g)
+    if alpha == 1.0:
+        assert "dense" in ops_of(g) and "matmul" not in ops_of(g)
+    else:
+        assert "matmul" in ops_of(g) and "dense" not in ops_of(g)
 
 
 def test_matmul_forms():
@@ -718,6 +724,35 @@ def test_ort_quantized_tiny_cnn_matches_onnxruntime(tmp_path):
         print(f"ORT {level.name}: max |slimc - ORT| = {diff:.6g} = {diff / step:.3g} output steps")
         assert diff <= step * (1 + 1e-5)
     assert len(np.unique(ours)) > 20  # the logits are not saturated
+
+
+def test_ort_quantized_linear_head_folds_to_qdense(tmp_path):
+    """ORT's QDQ Gemm reads a dequantized [out, in] weight; imported as dense, fold-qdq makes it a qdense."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from tiny_models import bn_net
+
+    from slimc.frontend.torch import from_torch
+    from slimc.pass_manager import PassManager
+
+    model = bn_net()
+    fp32, int8 = str(tmp_path / "fp32.onnx"), str(tmp_path / "int8.onnx")
+    export.to_onnx(from_torch(model, input_shapes=[model.slimc_input_shape]), fp32, opset=17)
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal(model.slimc_input_shape).astype(np.float32) for _ in range(8)]
+    feeds = iter([{"x": x} for x in xs])
+
+    class Reader(CalibrationDataReader):
+        def get_next(self):
+            return next(feeds, None)
+
+    quantize_static(fp32, int8, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    assert "Gemm" in {n.op_type for n in onnx.load(int8).graph.node}
+    g = from_onnx(int8)
+    folded, _ = PassManager("fold-qdq").run(g)
+    assert ops_of(folded).count("qdense") == 1 and "dense" not in ops_of(folded)
+    for x in xs[:3]:
+        np.testing.assert_allclose(interpreter.run(folded, [x])[0], interpreter.run(g, [x])[0], rtol=1e-5, atol=1e-5)
 
 
 # ---- bad input ------------------------------------------------------------------------------------

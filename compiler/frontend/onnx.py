@@ -1283,7 +1283,8 @@ def _bias_vector(c: np.ndarray, out_features: int) -> np.ndarray | None:
 
 @converts("Gemm")
 def _gemm(imp: _Importer, n: OnnxNode) -> None:
-    """Constant B becomes dense with alpha folded into the [out, in] weight and row-broadcast C into the bias."""
+    """Constant B becomes dense with alpha folded into the [out, in] weight and row-broadcast C into the bias; a
+    computed B (a QDQ model's dequantized weight) becomes dense too when alpha is 1, else matmul."""
     alpha, beta = float(n.attr("alpha", 1.0)), float(n.attr("beta", 1.0))
     trans_a, trans_b = bool(n.attr("transA", 0)), bool(n.attr("transB", 0))
     dtype = imp.dtype(0) if not imp.is_const(n.inputs[0]) else imp.dtype(1)
@@ -1301,6 +1302,18 @@ def _gemm(imp: _Importer, n: OnnxNode) -> None:
         ins = [a, w_name]
         if bias is not None:
             same = beta == 1.0 and c is not None and c.shape == (w.shape[0],)
+            ins.append(imp.input(2, dtype) if same else imp.param(n.inputs[2], bias.astype(dtype) * beta))
+        (y,) = imp.emit("dense", ins, out=None if need_add else 0, suffix="dense")
+    elif alpha == 1.0:  # a computed [out, in] B (a QDQ model's dequantized weight): dense, so fold-qdq sees a layer
+        b_name = imp.input(1, dtype)
+        if not trans_b:
+            (b_name,) = imp.emit("transpose", [b_name], {"perm": (1, 0)}, out=None, suffix="Bt")
+        out_features = imp.type_of(n.inputs[1]).shape[0 if trans_b else 1]
+        bias = _bias_vector(c, out_features) if c is not None and isinstance(out_features, int) else None
+        need_add = has_c and bias is None
+        ins = [a, b_name]
+        if bias is not None:
+            same = beta == 1.0 and c.shape == bias.shape
             ins.append(imp.input(2, dtype) if same else imp.param(n.inputs[2], bias.astype(dtype) * beta))
         (y,) = imp.emit("dense", ins, out=None if need_add else 0, suffix="dense")
     else:

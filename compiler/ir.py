@@ -128,9 +128,12 @@ class Graph:
 
     Equality is structural (weights are compared by type, not by value) so that `parse(print(g)) == g`.
     `calibration` holds the calibrated (lo, hi) range of activation values (filled by the calibrate pass, read by
-    quantize); it is printed as `calib %v [lo, hi]` lines. Rebuilding a graph keeps only ranges that cannot be
-    stale: `replace`/`with_nodes` drop those of values that no longer exist or are computed from new weight data,
-    `rewrite.Edit.apply` those of everything downstream of what it changed.
+    quantize); it is printed as `calib %v [lo, hi]` lines. `channel_calibration` adds, for some of those values,
+    one (lo, hi) per channel (axis 1), for per-channel grids; printed on the same line as `channels [[lo, hi], ...]`.
+    Rebuilding a graph keeps only ranges that cannot be stale: `replace`/`with_nodes` drop those of values that no
+    longer exist or are computed from new weight data, `rewrite.Edit.apply` those of everything downstream of what
+    it changed; a value's channel ranges go with its range (`replace(calibration=...)` keeps them only where the
+    value's range is unchanged).
     """
 
     name: str
@@ -140,6 +143,7 @@ class Graph:
     param_types: Mapping[str, TensorType]
     weights: Mapping[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
     calibration: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    channel_calibration: Mapping[str, tuple[tuple[float, float], ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple((n, t) for n, t in self.inputs))
@@ -148,6 +152,8 @@ class Graph:
         object.__setattr__(self, "param_types", dict(self.param_types))
         object.__setattr__(self, "weights", dict(self.weights))
         object.__setattr__(self, "calibration", _normalize_calibration(self.name, self.calibration))
+        object.__setattr__(self, "channel_calibration",
+                           _normalize_channel_calibration(self.name, self.channel_calibration))
 
     # ---- construction -------------------------------------------------------------------------
     @staticmethod
@@ -165,6 +171,9 @@ class Graph:
     def replace(self, **changes: Any) -> Graph:
         """A copy with `changes`. Unless `calibration` is given, ranges of values that no longer exist drop out, and
         so do those computed from a weight whose data is replaced (a new array object), as they may be stale."""
+        if "calibration" in changes and "channel_calibration" not in changes:  # channel ranges follow their value's
+            changes["channel_calibration"] = {v: r for v, r in self.channel_calibration.items()
+                                              if self.calibration.get(v) == _pair(changes["calibration"].get(v))}
         g = dataclasses.replace(self, **changes)
         return g if "calibration" in changes else self._fresh_calibration_of(g)
 
@@ -172,8 +181,14 @@ class Graph:
         """`g`, a rebuild of this graph, keeping only ranges of values that exist and use no replaced weight data."""
         new_data = {k for k, v in g.weights.items() if k in self.weights and v is not self.weights[k]}
         if new_data and g.calibration:
-            g = dataclasses.replace(g, calibration=g.calibration_without(new_data))
+            g = g._calibration_of(g.calibration_without(new_data))
         return g.drop_stale_calibration()
+
+    def _calibration_of(self, keep: Iterable[str]) -> Graph:
+        """This graph with the (whole-tensor and per-channel) ranges of the `keep` values only."""
+        keep = set(keep)
+        return dataclasses.replace(self, calibration={v: r for v, r in self.calibration.items() if v in keep},
+                                   channel_calibration={v: r for v, r in self.channel_calibration.items() if v in keep})
 
     def calibration_without(self, changed: Iterable[str]) -> dict[str, tuple[float, float]]:
         """The calibrated ranges minus those of `changed` values and of every value computed from one of them."""
@@ -187,8 +202,7 @@ class Graph:
         """Keep the calibrated ranges of values this graph still has (a rebuilt graph may have lost some)."""
         if all(v in self.value_types for v in self.calibration):
             return self
-        kept = {v: r for v, r in self.calibration.items() if v in self.value_types}
-        return dataclasses.replace(self, calibration=kept)
+        return self._calibration_of(v for v in self.calibration if v in self.value_types)
 
     def with_nodes(self, nodes: Sequence[Node], weights: Mapping[str, np.ndarray] | None = None,
                    outputs: Sequence[str] | None = None) -> Graph:
@@ -197,7 +211,7 @@ class Graph:
         w = dict(self.weights if weights is None else weights)
         ptypes = {k: TensorType.of(v) for k, v in w.items()} if weights is not None else dict(self.param_types)
         g = Graph(self.name, self.inputs, tuple(self.outputs if outputs is None else outputs), tuple(nodes), ptypes, w,
-                  self.calibration)
+                  self.calibration, self.channel_calibration)
         return self._fresh_calibration_of(g).drop_unused_params()
 
     def drop_unused_params(self) -> Graph:
@@ -340,6 +354,16 @@ class Graph:
             if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
                 raise IRError(f"graph {self.name}: calibrated range of %{v} is [{lo!r}, {hi!r}]; a range needs "
                               "finite bounds with lo <= hi")
+        for v, ranges in self.channel_calibration.items():
+            if v not in self.calibration:
+                raise IRError(f"graph {self.name}: per-channel ranges for %{v}, which has no calibrated range; a value "
+                              "with channel ranges also has its whole-tensor range")
+            t = defined[v]
+            if t.rank < 2 or (isinstance(t.shape[1], int) and t.shape[1] != len(ranges)):
+                raise IRError(f"graph {self.name}: {len(ranges)} per-channel ranges for %{v}: {t}, whose axis 1 "
+                              "holds the channels")
+            if not all(math.isfinite(lo) and math.isfinite(hi) and lo <= hi for lo, hi in ranges):
+                raise IRError(f"graph {self.name}: a per-channel range of %{v} is not finite with lo <= hi")
 
     def __str__(self) -> str:
         return print_graph(self)
@@ -355,6 +379,22 @@ def _normalize_calibration(graph: str, cal: Mapping[str, Any]) -> dict[str, tupl
         except (TypeError, ValueError):
             raise IRError(f"graph {graph}: calibrated range of %{v} is {r!r}; expected a pair (lo, hi) of numbers") \
                 from None
+    return out
+
+
+def _pair(r: Any) -> tuple[float, float] | None:
+    """A range as a pair of Python floats (None stays None), to compare ranges however they were given."""
+    return None if r is None else (float(r[0]), float(r[1]))
+
+
+def _normalize_channel_calibration(graph: str, cal: Mapping[str, Any]) -> dict[str, tuple[tuple[float, float], ...]]:
+    """Per-channel calibration as {value: ((lo, hi), ...)} with Python floats."""
+    out: dict[str, tuple[tuple[float, float], ...]] = {}
+    for v, ranges in cal.items():
+        try:
+            out[str(v)] = tuple((float(lo), float(hi)) for lo, hi in ranges)
+        except (TypeError, ValueError):
+            raise IRError(f"graph {graph}: per-channel ranges of %{v} are not a sequence of (lo, hi) pairs") from None
     return out
 
 
@@ -395,7 +435,10 @@ def print_graph(g: Graph) -> str:
     order = {v: i for i, v in enumerate(g.value_types)}
     for v in sorted(g.calibration, key=lambda v: (order.get(v, len(order)), v)):
         lo, hi = g.calibration[v]
-        lines.append(f"  calib %{v} [{lo!r}, {hi!r}]")
+        per_channel = g.channel_calibration.get(v)
+        channels = "" if per_channel is None else \
+            " channels [" + ", ".join(f"[{a!r}, {b!r}]" for a, b in per_channel) + "]"
+        lines.append(f"  calib %{v} [{lo!r}, {hi!r}]{channels}")
     lines.append(f"  return {', '.join('%' + o for o in g.outputs)}")
     lines.append("}")
     return "\n".join(lines) + "\n"
@@ -505,7 +548,7 @@ def _split_top(text: str, sep: str = ",") -> list[str]:
 _HEADER_RE = re.compile(r"^graph @([A-Za-z0-9_.]+)\((.*)\) \{$")
 _NODE_RE = re.compile(r"^(?P<outs>.+?) = (?P<op>[a-z_0-9]+)\((?P<ins>[^)]*)\)(?: \{(?P<attrs>.*?)\})?(?: loc\((?P<loc>.*)\))?$")
 _TYPED_VALUE_RE = re.compile(r"^%([A-Za-z0-9_.#]+): (.+)$")
-_CALIB_RE = re.compile(r"^calib %([A-Za-z0-9_.#]+) \[([^,\]]+), ([^,\]]+)\]$")
+_CALIB_RE = re.compile(r"^calib %([A-Za-z0-9_.#]+) \[([^,\]]+), ([^,\]]+)\](?: channels (\[.*\]))?$")
 
 
 def parse_graph(text: str) -> Graph:
@@ -531,6 +574,7 @@ def parse_graph(text: str) -> Graph:
     nodes: list[Node] = []
     outputs: tuple[str, ...] | None = None
     calibration: dict[str, tuple[float, float]] = {}
+    channel_calibration: dict[str, tuple[tuple[float, float], ...]] = {}
     for lineno, ln in enumerate(lines[1:], start=2):
         if ln == "}":
             break
@@ -540,9 +584,14 @@ def parse_graph(text: str) -> Graph:
                 if not cm:
                     raise ValueError(ln)
                 calibration[cm.group(1)] = (float(cm.group(2)), float(cm.group(3)))
-            except ValueError:
-                raise IRError(f"line {lineno}: expected 'calib %value [lo, hi]' with two numbers, "
-                              f"got {ln!r}") from None
+                if cm.group(4):
+                    pairs = json.loads(cm.group(4))
+                    if not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+                        raise ValueError(ln)
+                    channel_calibration[cm.group(1)] = tuple((float(lo), float(hi)) for lo, hi in pairs)
+            except (ValueError, TypeError):
+                raise IRError(f"line {lineno}: expected 'calib %value [lo, hi]' with two numbers, optionally "
+                              f"followed by 'channels [[lo, hi], ...]', got {ln!r}") from None
         elif ln.startswith("param "):
             pname, ptype = typed(ln[len("param "):], lineno)
             params[pname] = ptype
@@ -570,7 +619,8 @@ def parse_graph(text: str) -> Graph:
             nodes.append(node)
     if outputs is None:
         raise IRError("graph text has no 'return' line")
-    return Graph(name, inputs, outputs, tuple(nodes), params, calibration=calibration)
+    return Graph(name, inputs, outputs, tuple(nodes), params, calibration=calibration,
+                 channel_calibration=channel_calibration)
 
 
 # ---- save / load -------------------------------------------------------------------------------

@@ -146,7 +146,7 @@ class Edit:
         ptypes.update((k, TensorType.of(v)) for k, v in self._new_weights.items())
         weights = {**g.weights, **self._new_weights}
         outputs = tuple(self.resolve(o) for o in g.outputs)
-        out = Graph(g.name, g.inputs, outputs, tuple(nodes), ptypes, weights, g.calibration)
+        out = Graph(g.name, g.inputs, outputs, tuple(nodes), ptypes, weights, g.calibration, g.channel_calibration)
         if out.calibration:
             changed = set(self._new_weights) | {o for ms in self._replace.values() for m in ms for o in m.outputs}
             out = out.replace(calibration=out.calibration_without(changed)).drop_stale_calibration()
@@ -197,8 +197,9 @@ def rename_values(g: Graph, renames: dict[str, str]) -> Graph:
         ins = tuple(renames.get(i, i) for i in n.inputs)
         nodes.append(n.replace(name=renames.get(n.name, n.name), inputs=ins))
     calibration = {renames.get(v, v): r for v, r in g.calibration.items()}
+    channels = {renames.get(v, v): r for v, r in g.channel_calibration.items()}
     return g.replace(nodes=tuple(nodes), outputs=tuple(renames.get(o, o) for o in g.outputs),
-                     calibration=calibration)
+                     calibration=calibration, channel_calibration=channels)
 
 
 def keep_output_names(before: Graph, after: Graph) -> Graph:

@@ -3,6 +3,8 @@
 The quantize pass reads `graph.calibration[value] -> (lo, hi)` (lo <= 0 <= hi). Ranges come from an observer per
 value (`observers.METHODS`) fed through the interpreter's hook; they do not depend on the batch size, so the
 on-disk cache is keyed by the graph, the data's fingerprint, the method options and the number of samples only.
+Values only depthwise convs read (`channel_grid.channel_values`) also get one range per channel, by the same
+method, in `graph.channel_calibration` (quantize's per-channel grids).
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from slimc import ir
 from slimc.errors import PipelineError
 from slimc.ir import Graph
 from slimc.pass_manager import PassContext, PassResult, opt, register_pass
-from slimc.passes.quant.observers import METHODS, Observer, make_observer
+from slimc.passes.quant.channel_grid import channel_values
+from slimc.passes.quant.observers import METHODS, ChannelObserver, Observer, make_channel_observer, make_observer
 
 #: bump when an observer's algorithm changes, so that cached ranges computed the old way are not reused
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 PROGRESS_EVERY_S = 2.0
 
 
@@ -79,14 +82,25 @@ def _method_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def cache_key(g: Graph, data_fingerprint: str, method_options: Mapping[str, Any], samples: int) -> str:
+def cache_key(g: Graph, data_fingerprint: str, method_options: Mapping[str, Any], samples: int,
+              channels: bool = True) -> str:
     text = json.dumps({"format": CACHE_FORMAT, "graph": graph_digest(g), "data": data_fingerprint,
-                       "options": dict(method_options), "samples": samples}, sort_keys=True)
+                       "options": dict(method_options), "samples": samples, "channels": channels}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _read_cache(path: str, key: str, values: Sequence[str], log) -> dict[str, tuple[float, float]] | None:
-    """Cached ranges, or None when absent; an unreadable or inconsistent file is reported and ignored."""
+Ranges = dict[str, tuple[float, float]]
+ChannelRanges = dict[str, tuple[tuple[float, float], ...]]
+
+
+def _valid(r: Sequence[float]) -> bool:
+    return len(r) == 2 and math.isfinite(r[0]) and math.isfinite(r[1]) and r[0] <= 0.0 <= r[1]
+
+
+def _read_cache(path: str, key: str, values: Sequence[str], per_channel: Sequence[str],
+                log) -> tuple[Ranges, ChannelRanges] | None:
+    """Cached ranges (whole-tensor, per-channel), or None when absent; an unreadable or inconsistent file is
+    reported and ignored."""
     if not os.path.exists(path):
         return None
     try:
@@ -95,10 +109,12 @@ def _read_cache(path: str, key: str, values: Sequence[str], log) -> dict[str, tu
         if doc.get("format") != CACHE_FORMAT or doc.get("key") != key:
             raise ValueError("it was written for another graph, data or format")
         ranges = {v: (float(r[0]), float(r[1])) for v, r in doc["ranges"].items() if len(r) == 2}
-        if set(ranges) != set(values) or not all(math.isfinite(lo) and math.isfinite(hi) and lo <= 0.0 <= hi
-                                                 for lo, hi in ranges.values()):
+        if set(ranges) != set(values) or not all(_valid(r) for r in ranges.values()):
             raise ValueError("its ranges do not match the graph's activations")
-        return ranges
+        channels = {v: tuple((float(lo), float(hi)) for lo, hi in rs) for v, rs in doc["channel_ranges"].items()}
+        if set(channels) != set(per_channel) or not all(_valid(r) for rs in channels.values() for r in rs):
+            raise ValueError("its per-channel ranges do not match the graph's depthwise inputs")
+        return ranges, channels
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
         msg = f"ignoring corrupt calibration cache file {path} ({e}); recomputing the ranges"
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
@@ -204,6 +220,7 @@ def run_observers(g: Graph, data: Any, observers: Mapping[str, Observer], batch_
     batches=opt(int, 0, "use the first batches*batch_size samples (0: all)"),
     batch_size=opt(int, 8, "samples per interpreter run (ranges do not depend on it)"),
     cache=opt(bool, True, "reuse/store ranges under $SLIMC_CACHE_DIR/calib (default ~/.cache/slimc/calib)"),
+    channels=opt(bool, True, "also per-channel ranges of values only depthwise convs read (for dw_channel_grid)"),
 )
 def calibrate(graph: Graph, ctx: PassContext) -> PassResult:
     """Record each float activation's (lo, hi) from calibration data so that quantize can choose u8 grids."""
@@ -241,28 +258,35 @@ def calibrate(graph: Graph, ctx: PassContext) -> PassResult:
                                "so there is nothing to calibrate on; give at least one sample"))
 
     values = observed_values(graph)
-    stats: dict[str, Any] = {**method_options, "values": len(values), "samples": samples, "batches": 0,
-                             "cache": "off", "cache_file": None}
-    ranges: dict[str, tuple[float, float]] | None = None
+    channels = o.get("channels", True)
+    observed = set(values)
+    per_channel = [v for v in channel_values(graph) if v in observed] if channels else []
+    stats: dict[str, Any] = {**method_options, "values": len(values), "channel_values": len(per_channel),
+                             "samples": samples, "batches": 0, "cache": "off", "cache_file": None}
+    cached: tuple[Ranges, ChannelRanges] | None = None
     path = None
     if o.get("cache", True):
-        key = cache_key(graph, data.fingerprint(), method_options, samples)
+        key = cache_key(graph, data.fingerprint(), method_options, samples, channels)
         path = os.path.join(calib_cache_dir(), f"{key}.json")
         stats["cache_file"] = path
-        ranges = _read_cache(path, key, values, ctx.log)
-        stats["cache"] = "hit" if ranges is not None else "miss"
-        if ranges is not None:
+        cached = _read_cache(path, key, values, per_channel, ctx.log)
+        stats["cache"] = "hit" if cached is not None else "miss"
+        if cached is not None:
             ctx.log(f"calibrate: {len(values)} ranges from the cache ({path})")
-    if ranges is None:
-        observers = {v: make_observer(method, percentile=method_options.get("percentile", 99.99),
-                                      momentum=method_options.get("momentum", 0.01)) for v in values}
+    if cached is None:
+        opts = {"percentile": method_options.get("percentile", 99.99), "momentum": method_options.get("momentum", 0.01)}
+        observers: dict[str, Observer] = {v: make_observer(method, **opts) for v in values}
+        observers.update((v, make_channel_observer(method, **opts)) for v in per_channel)
         stats["batches"], seen = run_observers(graph, data, observers, run_bs, samples, ctx.log)
         if seen != samples:
             raise PipelineError(f"calibrate: the calibration data says it has {available} samples but yielded "
                                 f"{seen} of the {samples} asked for; check the data source")
-        ranges = {v: obs.range() for v, obs in observers.items()}
+        cached = ({v: obs.range() for v, obs in observers.items()},
+                  {v: obs.channel_ranges() for v, obs in observers.items() if isinstance(obs, ChannelObserver)})
         if path is not None:
             _write_cache(path, {"format": CACHE_FORMAT, "key": key, "graph": graph.name, **method_options,
-                                "samples": samples, "ranges": {v: list(r) for v, r in ranges.items()}}, ctx.log)
-    out = graph.replace(calibration=ranges)
-    return PassResult(out, out.calibration != graph.calibration, stats)
+                                "samples": samples, "ranges": {v: list(r) for v, r in cached[0].items()},
+                                "channel_ranges": {v: [list(r) for r in rs] for v, rs in cached[1].items()}}, ctx.log)
+    out = graph.replace(calibration=cached[0], channel_calibration=cached[1])
+    changed = out.calibration != graph.calibration or out.channel_calibration != graph.channel_calibration
+    return PassResult(out, changed, stats)

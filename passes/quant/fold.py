@@ -2,6 +2,8 @@
 
 `dequantize -> conv2d -> [activation] -> quantize` becomes one `qconv2d` whose int32 bias carries the
 zero-point correction (-x_zp * sum(w)) and whose epilogue requantizes, so the backend runs u8 x s8 -> s32 kernels.
+Per-channel activation grids (`channel_grid`: inputs of depthwise convs) fold the same way: into the producer's
+per-channel requantize scale, and into the depthwise conv's per-channel dequantization scale.
 Dequantizes of weights left over (float fallback layers) are folded into float constants.
 """
 
@@ -16,6 +18,7 @@ from slimc import ops
 from slimc.ir import Graph, Node
 from slimc.pass_manager import PassContext, PassResult, register_pass
 from slimc.passes.fuse import epilogue
+from slimc.passes.quant.channel_grid import grid_activation, is_depthwise
 from slimc.rewrite import Edit, eliminate_dead_code, merge_source, sole_user
 
 PRESERVING_OPS = ("max_pool2d", "flatten", "reshape")
@@ -30,6 +33,47 @@ class QParams:
     scale: float
     zero_point: int
     dtype: str
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelQParams:
+    """A per-channel (axis 1) quantized activation sharing one zero point: integer value, scales, zero point."""
+
+    value: str
+    scale: np.ndarray
+    zero_point: int
+    dtype: str
+
+
+def _channel_params(g: Graph, n: Node) -> tuple[np.ndarray, int] | None:
+    """(scales, the common zero point) of a quantize/dequantize along axis 1 whose zero points are all equal."""
+    s, z = n.inputs[1], n.inputs[2]
+    if not (g.is_param(s) and g.is_param(z)) or g.type_of(s).rank != 1 \
+            or n.attrs["axis"] % g.type_of(n.inputs[0]).rank != 1:
+        return None
+    zp = g.weight(z)
+    if zp.size == 0 or np.any(zp != zp.flat[0]):
+        return None
+    return np.asarray(g.weight(s), np.float32), int(zp.flat[0])
+
+
+def dequantized_channels(g: Graph, v: str) -> ChannelQParams | None:
+    """The ChannelQParams if `v` is a per-channel dequantize (one zero point) of a non-constant value."""
+    n = g.producer(v)
+    if n is None or n.op != "dequantize" or g.is_param(n.inputs[0]):
+        return None
+    p = _channel_params(g, n)
+    return None if p is None else ChannelQParams(n.inputs[0], p[0], p[1], g.type_of(n.inputs[0]).dtype)
+
+
+def requantized_per_channel(g: Graph, v: str) -> tuple[list[Node], ChannelQParams] | None:
+    """The quantize nodes that are the only readers of `v` if they all use one per-channel grid (one zero point)."""
+    users = g.users(v)
+    if v in g.outputs or not users or any(u.op != "quantize" for u in users) \
+            or len({(u.inputs[1], u.inputs[2], u.out_type.dtype) for u in users}) != 1:
+        return None
+    p = _channel_params(g, users[0])
+    return None if p is None else (users, ChannelQParams(users[0].name, p[0], p[1], users[0].out_type.dtype))
 
 
 def _scalar_params(g: Graph, n: Node) -> tuple[float, int] | None:
@@ -113,6 +157,7 @@ class _Folder:
         """
         last = covered[-1]
         req = requantized_by(self.g, last.name)
+        chan = self._channel_grid_after(covered, attrs) if req is None and scale is not None else None
         if req is not None:
             qs, out = req
             attrs = {**attrs, "out_dtype": out.dtype, "out_scale": out.scale, "out_zero_point": out.zero_point}
@@ -120,6 +165,12 @@ class _Folder:
             if scale is not None and attrs.get("act", "none") in HOMOGENEOUS_ACTS:
                 attrs, folded = _scale_into_grid(attrs, out.scale)
                 scale = (scale[0], folded(scale[1]))
+        elif chan is not None and scale is not None:  # per-channel output grid: 1/out_scale[c] joins scale[c]
+            qs, out, act = chan
+            attrs = {**{k: v for k, v in attrs.items() if k not in ("clip_min", "clip_max")}, **act,
+                     "out_dtype": out.dtype, "out_scale": 1.0, "out_zero_point": out.zero_point}
+            name = qs[0].name
+            scale = (scale[0], np.asarray(scale[1], np.float64) / out.scale.astype(np.float64))
         else:
             qs, name = [], last.name
         if scale is not None:
@@ -135,25 +186,43 @@ class _Folder:
         self.claimed |= {m.name for m in covered + qs}
         self.folded[op] += 1
 
+    def _channel_grid_after(self, covered: list[Node], attrs: dict) -> tuple[list[Node], ChannelQParams, dict] | None:
+        """The per-channel quantize after a layer (on its channel axis) and the activation computing `attrs`' act on
+        that grid, if the grid's bounds are scalar there (else the quantize stays a node of its own)."""
+        req = requantized_per_channel(self.g, covered[-1].name)
+        if req is None or (covered[0].op == "dense" and covered[-1].out_type.rank != 2):
+            return None  # dense channels are on the last axis, the grid's on axis 1
+        act = grid_activation(attrs, req[1].scale, req[1].zero_point, ops.QUANT_DTYPES[req[1].dtype])
+        return None if act is None else (*req, act)
+
+    def _input(self, n: Node) -> tuple[str, np.ndarray, int] | None:
+        """(integer input, its scale: one, or per channel for a depthwise conv, zero point) of a layer."""
+        x = dequantized_activation(self.g, n.inputs[0])
+        if x is not None:
+            return x.value, np.float64(np.float32(x.scale)), x.zero_point
+        c = dequantized_channels(self.g, n.inputs[0]) if is_depthwise(self.g, n) else None
+        return None if c is None else (c.value, c.scale.astype(np.float64), c.zero_point)
+
     def layer(self, n: Node) -> None:
         g = self.g
-        x = dequantized_activation(g, n.inputs[0])
+        x = self._input(n)
         w = dequantized_weight(g, n.inputs[1])
         if x is None or w is None or not all(g.is_param(b) for b in n.inputs[2:]):
             return
         wname, wq, wscale = w
-        deq = (np.float64(np.float32(x.scale)) * wscale.astype(np.float64))
+        x_value, x_scale, x_zero_point = x
+        deq = x_scale * wscale.astype(np.float64)
         bias = g.weight(n.inputs[2]).astype(np.float64) if len(n.inputs) > 2 else np.zeros(wq.shape[0])
-        correction = x.zero_point * wq.reshape(wq.shape[0], -1).astype(np.int64).sum(axis=1)
+        correction = x_zero_point * wq.reshape(wq.shape[0], -1).astype(np.int64).sum(axis=1)
         bias_i = np.round(bias / deq).astype(np.int64) - correction
         if np.abs(bias_i).max(initial=0) >= 2 ** 31:
             return  # a bias beyond int32 (tiny scales): leave this layer in float
         covered, act = _with_activation(g, n)
         b_name = self.e.add_param(f"{n.name}.bias_int32", bias_i.astype(np.int32))
-        attrs = {"x_zero_point": x.zero_point, **act}
+        attrs = {"x_zero_point": x_zero_point, **act}
         if n.op == "conv2d":
             attrs.update({k: n.attrs[k] for k in ("stride", "padding", "dilation", "groups")})
-        self.emit(covered, "qconv2d" if n.op == "conv2d" else "qdense", (x.value, wname, b_name), attrs,
+        self.emit(covered, "qconv2d" if n.op == "conv2d" else "qdense", (x_value, wname, b_name), attrs,
                   scale=(n.name, deq))
 
     def add(self, n: Node) -> None:

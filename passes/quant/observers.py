@@ -4,12 +4,15 @@ Each observer takes tensors through `update(x)` (batch first, any number of call
 `(lo, hi)` that contains 0 so that the u8 grid holds 0 exactly. No observer keeps the values it saw, and none
 depends on how the samples were split into batches: min-max is exact; the moving average runs over samples,
 not batches; the histogram observers share `StreamingHistogram`, whose final counts depend only on the values.
+`ChannelObserver` runs one observer per channel (axis 1) next to the whole-tensor one, with CHANNEL_BINS-cell
+histograms so that memory stays channels x 8 KiB.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,6 +25,9 @@ LEVELS = 256
 REL_RESOLUTION = 40
 #: cell exponent when only zeros were seen (any later non-zero value coarsens it)
 K_MIN = -200
+#: histogram cells of a whole-tensor observer, and of each channel's (per-channel ranges: memory is channels x this)
+BINS = 4096
+CHANNEL_BINS = 1024
 
 
 def _finite(x: Any) -> np.ndarray:
@@ -227,7 +233,7 @@ class HistogramObserver(Observer):
 class PercentileObserver(HistogramObserver):
     """The (100-p)-th and p-th percentiles (two-sided clipping of rare outliers), read off a streaming histogram."""
 
-    def __init__(self, percentile: float = 99.99, bins: int = 4096) -> None:
+    def __init__(self, percentile: float = 99.99, bins: int = BINS) -> None:
         if not 50.0 < percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {percentile}")
         super().__init__(bins)
@@ -310,7 +316,7 @@ class EntropyObserver(HistogramObserver):
     signed value gets [-T, T] (cut to the values seen), 128 levels a side.
     """
 
-    def __init__(self, bins: int = 4096, search_bins: int = 2048) -> None:
+    def __init__(self, bins: int = BINS, search_bins: int = 2048) -> None:
         super().__init__(bins)
         self.search_bins = search_bins
 
@@ -335,7 +341,7 @@ class MSEObserver(HistogramObserver):
     A search over shrunk min-max ranges [a*lo, a*hi], then (for signed values) alternately over each end alone.
     """
 
-    def __init__(self, bins: int = 4096, candidates: int = 200, qmax: int = LEVELS - 1) -> None:
+    def __init__(self, bins: int = BINS, candidates: int = 200, qmax: int = LEVELS - 1) -> None:
         super().__init__(bins)
         self.candidates = candidates
         self.qmax = qmax
@@ -364,16 +370,53 @@ class MSEObserver(HistogramObserver):
         return with_zero(lo, hi)
 
 
-def make_observer(method: str, *, percentile: float = 99.99, momentum: float = 0.01) -> Observer:
-    """A fresh observer for one of METHODS."""
+class ChannelObserver(Observer):
+    """A whole-tensor observer plus one per channel (axis 1), each of the same method: per-channel grids need both.
+
+    `range()` is the whole tensor's; `channel_ranges()` one range per channel. Each channel's observer sees that
+    channel's values of every sample, so it is as independent of the batching as the method itself.
+    """
+
+    def __init__(self, whole: Observer, per_channel: Callable[[], Observer]) -> None:
+        self.whole, self.make = whole, per_channel
+        self.channels: list[Observer] = []
+
+    def update(self, x: Any) -> None:
+        a = np.asarray(x)
+        if a.ndim < 2:
+            raise ValueError(f"per-channel ranges need a channel axis (axis 1), got a tensor of shape {a.shape}")
+        if not self.channels:
+            self.channels = [self.make() for _ in range(a.shape[1])]
+        elif len(self.channels) != a.shape[1]:
+            raise ValueError(f"{a.shape[1]} channels after {len(self.channels)}: the channel count must not change")
+        self.whole.update(a)
+        for c, obs in enumerate(self.channels):
+            obs.update(a[:, c])
+
+    def range(self) -> tuple[float, float]:
+        return self.whole.range()
+
+    def channel_ranges(self) -> tuple[tuple[float, float], ...]:
+        """One (lo, hi) per channel, lo <= 0 <= hi; () if nothing was seen."""
+        return tuple(obs.range() for obs in self.channels)
+
+
+def make_observer(method: str, *, percentile: float = 99.99, momentum: float = 0.01, bins: int = BINS) -> Observer:
+    """A fresh observer for one of METHODS (`bins`: histogram cells of the histogram methods)."""
     if method == "minmax":
         return MinMaxObserver()
     if method == "moving_average":
         return MovingAverageObserver(momentum)
     if method == "percentile":
-        return PercentileObserver(percentile)
+        return PercentileObserver(percentile, bins)
     if method == "entropy":
-        return EntropyObserver()
+        return EntropyObserver(bins)
     if method == "mse":
-        return MSEObserver()
+        return MSEObserver(bins)
     raise ValueError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def make_channel_observer(method: str, **options: Any) -> ChannelObserver:
+    """A ChannelObserver of one of METHODS: a full-size whole-tensor observer, CHANNEL_BINS-cell channel ones."""
+    return ChannelObserver(make_observer(method, **options),
+                           lambda: make_observer(method, **{**options, "bins": CHANNEL_BINS}))

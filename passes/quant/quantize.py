@@ -2,6 +2,8 @@
 
 The QDQ graph is still a float graph that the interpreter runs exactly as the quantized model will compute
 (every quantized value passes through its int8 grid); `fold-qdq` later turns QDQ patterns into integer ops.
+Activations get one grid per tensor, except values only int8 depthwise convs read: those get one per channel
+where that stays exact in integer arithmetic (`channel_grid`; calibrate's per-channel ranges).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from slimc import ops
 from slimc.errors import PipelineError
 from slimc.ir import Graph, Node, TensorType
 from slimc.pass_manager import PassContext, PassResult, opt, register_pass
+from slimc.passes.quant.channel_grid import grid_activation, producing_layer, read_by_depthwise_only
 from slimc.passes.quant.scheme import Scheme, activation_qparams, bias_safe_scale, scheme_for, weight_qparams
 
 #: ops computing in int8 whose float activation operands get QDQ (operand slots), weights in slot 1
@@ -72,6 +75,28 @@ def _activation_plan(g: Graph, quantized: list[Node], scheme: Scheme) -> dict[st
     return plan
 
 
+def _channel_grids(g: Graph, plan: Mapping[str, tuple[np.ndarray, np.ndarray]], qnames: set[str],
+                   scheme: Scheme) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-channel (scales, zero points) for planned values that int8 depthwise convs alone read, produced by an
+    int8 layer that can fold the grid exactly (one zero point, activation bounds scalar on the grid)."""
+    grids: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for v in plan:
+        ranges = g.channel_calibration.get(v)
+        if ranges is None or not read_by_depthwise_only(g, v) or any(u.name not in qnames for u in g.users(v)):
+            continue
+        made = producing_layer(g, v)
+        if made is None or made[0].name not in qnames:
+            continue
+        whole = plan[v]  # a channel that was constant 0 in calibration takes the whole tensor's grid
+        qp = [activation_qparams(lo, hi, scheme.activation_max) if hi > lo else whole for lo, hi in ranges]
+        scale, zp = np.array([s for s, _ in qp], np.float32), np.array([z for _, z in qp], np.uint8)
+        if len(set(zp.tolist())) != 1 or \
+                grid_activation(made[1], scale, int(zp[0]), ops.QUANT_DTYPES[scheme.activation_dtype]) is None:
+            continue
+        grids[v] = (scale, zp)
+    return grids
+
+
 def _layer_sqnr(before: Graph, after: Graph, renamed: Mapping[str, str], inputs) -> dict[str, float | None]:
     """SQNR (dB) of each quantized activation against the float model's value, errors accumulated from the input."""
     import torch
@@ -101,7 +126,9 @@ def _layer_sqnr(before: Graph, after: Graph, renamed: Mapping[str, str], inputs)
 
 
 @register_pass("quantize", exclude=opt(str, "", "'|'-separated node names or op names to keep in float"),
-               per_channel=opt(bool, True, "one weight scale per output channel (else per tensor)"))
+               per_channel=opt(bool, True, "one weight scale per output channel (else per tensor)"),
+               dw_channel_grid=opt(bool, True, "per-channel activation grids for values only int8 depthwise convs "
+                                               "read, where exact (needs calibrate's per-channel ranges)"))
 def quantize(graph: Graph, ctx: PassContext) -> PassResult:
     """Insert QDQ for int8 conv/dense/add (u8 activations from calibration, s8 symmetric weights) per the target."""
     scheme = scheme_for(ctx.target)
@@ -114,7 +141,9 @@ def quantize(graph: Graph, ctx: PassContext) -> PassResult:
     per_channel = ctx.options.get("per_channel", True)
     quantized = [n for n in graph.nodes if _quantizable(graph, n, excluded)]
     qnames = {n.name for n in quantized}
-    plan = _activation_plan(graph, quantized, scheme)
+    plan: dict[str, tuple[np.ndarray, np.ndarray]] = dict(_activation_plan(graph, quantized, scheme))
+    grids = _channel_grids(graph, plan, qnames, scheme) if ctx.options.get("dw_channel_grid", True) else {}
+    plan.update(grids)
 
     taken: set[str] = set()
     weights = dict(graph.weights)
@@ -180,7 +209,8 @@ def quantize(graph: Graph, ctx: PassContext) -> PassResult:
     total = sum(ops.macs(n.op, [graph.type_of(i) for i in n.inputs], n.out_types, n.attrs) for n in graph.nodes)
     q_macs = sum(ops.macs(n.op, [graph.type_of(i) for i in n.inputs], n.out_types, n.attrs) for n in quantized)
     stats: Mapping[str, object] = {
-        "quantized": dict(sorted(by_op.items())), "activations": len(plan), "weights": len(weight_dq),
+        "quantized": dict(sorted(by_op.items())), "activations": len(plan), "channel_grids": len(grids),
+        "weights": len(weight_dq),
         "int8_mac_share": round(q_macs / total, 4) if total else 0.0,
         "float_layers": [n.name for n in graph.nodes if n.op in ("conv2d", "dense") and n.name not in qnames],
         "scheme": f"{scheme.activation_dtype}[0,{scheme.activation_max}] x int8 "

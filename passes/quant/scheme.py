@@ -59,9 +59,10 @@ def activation_qparams(lo: float, hi: float, qmax: int = 255) -> tuple[np.float3
 BIAS_LIMIT = 2.0 ** 30
 
 
-def bias_safe_scale(bias: np.ndarray, x_scale: float) -> np.ndarray:
-    """Smallest weight scale per channel whose int32 bias (bias / (x_scale * w_scale)) stays below 2^30."""
-    return (np.abs(np.asarray(bias, np.float64)) / (float(x_scale) * BIAS_LIMIT)).astype(np.float32)
+def bias_safe_scale(bias: np.ndarray, x_scale: float | np.ndarray) -> np.ndarray:
+    """Smallest weight scale per channel whose int32 bias (bias / (x_scale * w_scale)) stays below 2^30 (`x_scale`
+    per channel too for a depthwise conv's per-channel input grid)."""
+    return (np.abs(np.asarray(bias, np.float64)) / (np.asarray(x_scale, np.float64) * BIAS_LIMIT)).astype(np.float32)
 
 
 def weight_qparams(w: np.ndarray, qmax: int = 127, per_channel: bool = True,

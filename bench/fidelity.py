@@ -135,7 +135,9 @@ SLIMC_PIPELINES = {
     **{f"slimc int8 {m}": f"calibrate{{method={m}}},quantize" for m in ("minmax", "percentile", "entropy", "mse")},
     "slimc int8 minmax+BC": "calibrate{method=minmax},quantize,bias-correct",
     "slimc int8 mse+BC": "calibrate{method=mse},quantize,bias-correct",
+    "slimc int8 mse+BC dw-per-tensor": "calibrate{method=mse},quantize{dw_channel_grid=false},bias-correct",
     "slimc int8 mse+CLE+BC": "equalize,calibrate{method=mse},quantize,bias-correct",
+    "slimc int8 mse+GPTQ+BC": "calibrate{method=mse},quantize,round-weights,bias-correct",
     "slimc int8 mse+BC+fallback": "calibrate{method=mse},quantize,bias-correct,quant-fallback{max_drop=0.02}",
     "slimc int8 mse+BC+fallback 1%": "calibrate{method=mse},quantize,bias-correct,quant-fallback{max_drop=0.01}",
 }

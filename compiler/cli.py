@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time the original model (PyTorch eager / ONNX Runtime) on the same inputs")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="artifact directory to write")
     p.add_argument("--int8", action="store_true",
-                   help="quantize to int8: appends calibrate,quantize,bias-correct to the pipeline (needs --calib or "
-                        "--data)")
+                   help="quantize to int8: appends calibrate,quantize,round-weights,bias-correct to the pipeline "
+                        "(needs --calib or --data)")
     p.add_argument("--eval", metavar="SPEC",
                    help="data (same forms as --data) on which to report the artifact's top-1 agreement with the "
                         "original model (e.g. slimc.evalset:lite_evaluation)")
@@ -259,14 +259,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-#: recovery passes --int8 runs after quantize (bias correction: see bench/fidelity.py for what it is worth)
-INT8_RECOVERY = ("bias-correct",)
+#: recovery passes --int8 runs after quantize: GPTQ weight rounding, then bias correction (see bench/fidelity.py for
+#: what each is worth)
+INT8_RECOVERY = ("round-weights", "bias-correct")
 
 
 def backend_pipeline(passes: str, int8: bool, calib_method: str, max_drop: float | None = None,
                      sqnr_floor: float | None = None, metric: str | None = None) -> str:
-    """The pipeline compile runs: --int8 adds calibration, QDQ, bias correction and, given an accuracy budget, float
-    fallback of the most sensitive layers; QDQ is always folded into integer ops."""
+    """The pipeline compile runs: --int8 adds calibration, QDQ, GPTQ rounding, bias correction and, given an accuracy
+    budget, float fallback of the most sensitive layers; QDQ is always folded into integer ops."""
     from slimc.errors import SlimcError
 
     budget = []

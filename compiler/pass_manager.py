@@ -119,7 +119,7 @@ def load_builtin_passes() -> None:
 
     for mod in ("cleanup", "fold_bn", "fuse", "prune.apply", "distill", "quant.calibrate", "quant.quantize",
                 "quant.fold", "quant.equalize", "quant.bias_correct",
-                "quant.fallback"):
+                "quant.fallback", "quant.round_weights"):
         importlib.import_module(f"slimc.passes.{mod}")
 
 

@@ -140,9 +140,10 @@ def test_fallback_with_a_user_metric_needs_labels(setup):
 
 def test_compile_flags_build_the_int8_pipeline():
     base = "canonicalize,fold-bn,fuse-act"
-    assert backend_pipeline(base, True, "mse") == f"{base},calibrate{{method=mse}},quantize,bias-correct,fold-qdq"
+    int8 = f"{base},calibrate{{method=mse}},quantize,round-weights,bias-correct"
+    assert backend_pipeline(base, True, "mse") == f"{int8},fold-qdq"
     assert backend_pipeline(base, True, "mse", max_drop=0.02, sqnr_floor=25.0) == (
-        f"{base},calibrate{{method=mse}},quantize,bias-correct,quant-fallback{{max_drop=0.02,sqnr_floor=25.0}},fold-qdq")
+        f"{int8},quant-fallback{{max_drop=0.02,sqnr_floor=25.0}},fold-qdq")
     PassManager(backend_pipeline(base, True, "mse", 0.01, None, "pkg.mod:acc"))  # parses
     for kwargs, needle in [({"max_drop": 1.5}, "outside [0, 1]"), ({"sqnr_floor": -3.0}, "positive"),
                            ({"metric": "pkg.mod:acc"}, "needs --max-drop"),

@@ -23,7 +23,7 @@ import numpy as np
 from slimc.errors import PipelineError
 from slimc.ir import Graph
 from slimc.pass_manager import PassContext, PassResult, opt, register_pass
-from slimc.passes.quant.qdq import Samples, batches, check_twins, float_model, int8_nodes, load_samples
+from slimc.passes.quant.qdq import Samples, Sweep, check_twins, float_model, input_chunks, int8_nodes, load_samples
 from slimc.rewrite import Edit
 
 WHO = "bias-correct"
@@ -50,20 +50,6 @@ def with_bias_shift(g: Graph, shifts: dict[str, np.ndarray]) -> Graph:
             bias = e.add_param(f"{name}.bias", shift.astype(np.float32))
         e.replace_node(name, e.make_node(name, n.op, (n.inputs[0], n.inputs[1], bias), n.attrs, n.source))
     return e.apply()
-
-
-def _last_uses(g: Graph) -> list[list[str]]:
-    """For each node index, the activation values read for the last time there (freed as the sweep goes)."""
-    last: dict[str, int] = {}
-    for i, n in enumerate(g.nodes):
-        for v in n.inputs:
-            if not g.is_param(v):
-                last[v] = i
-    out: list[list[str]] = [[] for _ in g.nodes]
-    for v, i in last.items():
-        if v not in g.outputs:
-            out[i].append(v)
-    return out
 
 
 def active_mask(pre: "torch.Tensor", attrs) -> "torch.Tensor | None":
@@ -96,10 +82,8 @@ def sequential_shifts(q: Graph, f: Graph, layers: list[str], samples: Samples, b
     from slimc import interpreter
 
     todo = set(layers)
-    dtypes = [getattr(torch, t.dtype) for _, t in q.inputs]
-    chunks = [{name: torch.as_tensor(np.ascontiguousarray(a)).to(dt) for (name, _), a, dt in zip(q.inputs, b, dtypes)}
-              for b in batches(q, samples, batch_size)]
-    sweep_q, sweep_f = _Sweep(q, chunks), _Sweep(f, chunks)
+    chunks = input_chunks(q, samples, batch_size)
+    sweep_q, sweep_f = Sweep(q, chunks), Sweep(f, chunks)
     f_index = {n.name: i for i, n in enumerate(f.nodes)}
     shifts: dict[str, np.ndarray] = {}
     pre_f: list = []
@@ -130,53 +114,6 @@ def sequential_shifts(q: Graph, f: Graph, layers: list[str], samples: Samples, b
             shape[ax] = -1
             sweep_q.finish(i, [interpreter.apply_activation(p + shift.float().reshape(shape), n.attrs) for p in pre_q])
     return shifts
-
-
-class _Sweep:
-    """Runs a graph node by node over several chunks of samples at once, freeing values after their last use."""
-
-    def __init__(self, g: Graph, chunks: list[dict]) -> None:
-        from slimc import interpreter
-
-        self.g, self.module = g, interpreter.GraphModule(g)
-        self.envs = [dict(c) for c in chunks]
-        self.frees = _last_uses(g)
-        self.done = 0
-
-    def _args(self, env: dict, n) -> list:
-        return [env[v] if v in env else self.module.tensor(v) for v in n.inputs]
-
-    def linear(self, i: int) -> list:
-        """Node i's output per chunk without its fused activation (the environment is left as it is)."""
-        from slimc import interpreter
-
-        n = self.g.nodes[i]
-        lin = n.replace(attrs={**n.attrs, "act": "none", "clip_min": None, "clip_max": None})
-        return [interpreter.run_node(lin, self._args(env, n))[0] for env in self.envs]
-
-    def finish(self, i: int, outs: list) -> None:
-        """Store node i's (single) output per chunk and free what it read for the last time."""
-        for env, out in zip(self.envs, outs):
-            env[self.g.nodes[i].name] = out
-            for v in self.frees[i]:
-                env.pop(v, None)
-        self.done = i + 1
-
-    def run(self, i: int, keep_linear: bool = False) -> list | None:
-        """Run node i on every chunk; with keep_linear, return its pre-activation outputs too."""
-        from slimc import interpreter
-
-        n = self.g.nodes[i]
-        if keep_linear:
-            pre = self.linear(i)
-            self.finish(i, [interpreter.apply_activation(p, n.attrs) for p in pre])
-            return pre
-        for env in self.envs:
-            env.update(zip(n.outputs, interpreter.run_node(n, self._args(env, n))))
-            for v in self.frees[i]:
-                env.pop(v, None)
-        self.done = i + 1
-        return None
 
 
 def correct(q: Graph, f: Graph, samples: Samples, batch_size: int, active_only: bool = True, log=lambda msg: None

@@ -136,3 +136,77 @@ def run_outputs(g: Graph, samples: Samples, batch_size: int) -> list[np.ndarray]
 
     outs = [interpreter.run(g, list(b)) for b in batches(g, samples, batch_size)]
     return [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]
+
+
+def input_chunks(g: Graph, samples: Samples, batch_size: int) -> list[dict]:
+    """The samples as torch tensors per graph input, in the batches `batches` gives (what a Sweep starts from)."""
+    import torch
+
+    dtypes = [getattr(torch, t.dtype) for _, t in g.inputs]
+    return [{name: torch.as_tensor(np.ascontiguousarray(a)).to(dt) for (name, _), a, dt in zip(g.inputs, b, dtypes)}
+            for b in batches(g, samples, batch_size)]
+
+
+def last_uses(g: Graph) -> list[list[str]]:
+    """For each node index, the activation values read for the last time there (freed as the sweep goes)."""
+    last: dict[str, int] = {}
+    for i, n in enumerate(g.nodes):
+        for v in n.inputs:
+            if not g.is_param(v):
+                last[v] = i
+    out: list[list[str]] = [[] for _ in g.nodes]
+    for v, i in last.items():
+        if v not in g.outputs:
+            out[i].append(v)
+    return out
+
+
+class Sweep:
+    """Runs a graph node by node over several chunks of samples at once, freeing values after their last use."""
+
+    def __init__(self, g: Graph, chunks: list[dict]) -> None:
+        from slimc import interpreter
+
+        self.g, self.module = g, interpreter.GraphModule(g)
+        self.envs = [dict(c) for c in chunks]
+        self.frees = last_uses(g)
+        self.done = 0
+
+    def _args(self, env: dict, n) -> list:
+        return [env[v] if v in env else self.module.tensor(v) for v in n.inputs]
+
+    def values(self, v: str) -> list:
+        """Value `v` per chunk as the sweep has it now (a parameter: the same tensor for every chunk)."""
+        return [env[v] if v in env else self.module.tensor(v) for env in self.envs]
+
+    def linear(self, i: int) -> list:
+        """Node i's output per chunk without its fused activation (the environment is left as it is)."""
+        from slimc import interpreter
+
+        n = self.g.nodes[i]
+        lin = n.replace(attrs={**n.attrs, "act": "none", "clip_min": None, "clip_max": None})
+        return [interpreter.run_node(lin, self._args(env, n))[0] for env in self.envs]
+
+    def finish(self, i: int, outs: list) -> None:
+        """Store node i's (single) output per chunk and free what it read for the last time."""
+        for env, out in zip(self.envs, outs):
+            env[self.g.nodes[i].name] = out
+            for v in self.frees[i]:
+                env.pop(v, None)
+        self.done = i + 1
+
+    def run(self, i: int, keep_linear: bool = False) -> list | None:
+        """Run node i on every chunk; with keep_linear, return its pre-activation outputs too."""
+        from slimc import interpreter
+
+        n = self.g.nodes[i]
+        if keep_linear:
+            pre = self.linear(i)
+            self.finish(i, [interpreter.apply_activation(p, n.attrs) for p in pre])
+            return pre
+        for env in self.envs:
+            env.update(zip(n.outputs, interpreter.run_node(n, self._args(env, n))))
+            for v in self.frees[i]:
+                env.pop(v, None)
+        self.done = i + 1
+        return None

@@ -34,12 +34,10 @@ PROGRESS_EVERY_S = 2.0
 
 
 def calib_cache_dir() -> str:
-    """Where cached calibration ranges live: $SLIMC_CACHE_DIR/calib, else $XDG_CACHE_HOME/slimc/calib, else ~/.cache."""
-    root = os.environ.get("SLIMC_CACHE_DIR")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(xdg, "slimc")
-    return os.path.join(root, "calib")
+    """Where cached calibration ranges live: `calib` under slimc's cache root (slimc.cache)."""
+    from slimc.cache import cache_dir
+
+    return cache_dir("calib")
 
 
 def observed_values(g: Graph) -> list[str]:

@@ -140,6 +140,10 @@ SLIMC_PIPELINES = {
     "slimc int8 mse+GPTQ+BC": "calibrate{method=mse},quantize,round-weights,bias-correct",
     "slimc int8 mse+BC+fallback": "calibrate{method=mse},quantize,bias-correct,quant-fallback{max_drop=0.02}",
     "slimc int8 mse+BC+fallback 1%": "calibrate{method=mse},quantize,bias-correct,quant-fallback{max_drop=0.01}",
+    "slimc int8 mse+GPTQ+BC+fallback": "calibrate{method=mse},quantize,round-weights,bias-correct,"
+                                       "quant-fallback{max_drop=0.02}",
+    "slimc int8 mse+GPTQ+BC+fallback 1%": "calibrate{method=mse},quantize,round-weights,bias-correct,"
+                                          "quant-fallback{max_drop=0.01}",
 }
 SLIMC_METHODS = tuple(SLIMC_PIPELINES)
 

@@ -77,11 +77,27 @@ def test_quantize_inserts_qdq_and_stays_close(calibrated):
 def test_exclude_keeps_layers_in_float(calibrated):
     g, _ = calibrated
     stem = next(n.name for n in g.nodes if n.op == "conv2d")
-    q, records = PassManager(f"quantize{{exclude={stem}|dense}}").run(g)
+    q, records = PassManager(f"quantize{{exclude=node:{stem}|dense}}").run(g)
     stats = records[-1].pass_stats
-    assert stem in stats["float_layers"] and stats["quantized"].get("dense") is None
+    assert stats["float_layers"] == [stem] + [n.name for n in g.nodes if n.op == "dense"]
+    assert stats["quantized"].get("dense") is None
     with pytest.raises(PipelineError, match="potato"):
         PassManager("quantize{exclude=potato}").run(g)
+
+
+def test_exclude_tells_a_node_from_an_op(calibrated):
+    """The torch frontend names the first conv `conv2d`: a bare `conv2d` is ambiguous, prefixes decide."""
+    g, _ = calibrated
+    stem = next(n for n in g.nodes if n.op == "conv2d")
+    g = g.replace(nodes=tuple(n.replace(name="conv2d") if n is stem else n for n in g.nodes))
+    with pytest.raises(PipelineError, match="node:conv2d .*op:conv2d"):
+        PassManager("quantize{exclude=conv2d}").run(g)
+    _, rec = PassManager("quantize{exclude=node:conv2d}").run(g)
+    assert rec[-1].pass_stats["float_layers"] == ["conv2d"]
+    _, rec = PassManager("quantize{exclude=op:conv2d}").run(g)
+    assert len(rec[-1].pass_stats["float_layers"]) == sum(n.op == "conv2d" for n in g.nodes) > 1
+    with pytest.raises(PipelineError, match="node:potato"):
+        PassManager("quantize{exclude=node:potato}").run(g)
 
 
 def test_quantize_needs_calibration(calibrated):

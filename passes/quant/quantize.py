@@ -26,17 +26,36 @@ QUANTIZED_OPS: dict[str, tuple[int, ...]] = {"conv2d": (0,), "dense": (0,), "add
 PRESERVING_OPS = ("max_pool2d", "flatten", "reshape")
 
 
-def _excluded(spec: str) -> frozenset[str]:
-    return frozenset(s.strip() for s in spec.split("|") if s.strip())
+def _excluded(spec: str, g: Graph) -> tuple[frozenset[str], frozenset[str]]:
+    """(node names, op names) of `exclude=`: `node:NAME`, `op:OP`, or a bare word naming exactly one of the two."""
+    names = {n.name for n in g.nodes}
+    nodes, op_names, unknown, ambiguous = set(), set(), [], []
+    for item in (x.strip() for x in spec.split("|")):
+        kind, _, word = item.rpartition(":") if item.startswith(("node:", "op:")) else ("", "", item)
+        if not word:
+            continue
+        is_node, is_op = word in names and kind != "op", word in ops.OPS and kind != "node"
+        if is_node and is_op:
+            ambiguous.append(word)
+        elif is_node or is_op:
+            (nodes if is_node else op_names).add(word)
+        else:
+            unknown.append(item)
+    if unknown:
+        raise PipelineError(f"quantize: exclude= names neither a node nor an op: {', '.join(sorted(unknown))}")
+    if ambiguous:
+        raise PipelineError(f"quantize: exclude= {', '.join(sorted(ambiguous))} names both a node and an op; write "
+                            f"node:{ambiguous[0]} for that node or op:{ambiguous[0]} for every {ambiguous[0]}")
+    return frozenset(nodes), frozenset(op_names)
 
 
 def _float_activation(g: Graph, v: str) -> bool:
     return not g.is_param(v) and g.type_of(v).dtype == "float32"
 
 
-def _quantizable(g: Graph, n: Node, excluded: frozenset[str]) -> bool:
-    """Whether node `n` runs in int8: a known op, not excluded, constant weights where it has them."""
-    if n.op not in QUANTIZED_OPS or n.name in excluded or n.op in excluded:
+def _quantizable(g: Graph, n: Node, excluded: tuple[frozenset[str], frozenset[str]]) -> bool:
+    """Whether node `n` runs in int8: a known op, not excluded (by name or op), constant weights where it has them."""
+    if n.op not in QUANTIZED_OPS or n.name in excluded[0] or n.op in excluded[1]:
         return False
     if n.op in ("conv2d", "dense"):
         return g.is_param(n.inputs[1]) and _float_activation(g, n.inputs[0]) \
@@ -125,7 +144,8 @@ def _layer_sqnr(before: Graph, after: Graph, renamed: Mapping[str, str], inputs)
     return out
 
 
-@register_pass("quantize", exclude=opt(str, "", "'|'-separated node names or op names to keep in float"),
+@register_pass("quantize", exclude=opt(str, "", "'|'-separated node:NAME / op:OP (or a bare name that is only one of them) to "
+                                             "keep in float"),
                per_channel=opt(bool, True, "one weight scale per output channel (else per tensor)"),
                dw_channel_grid=opt(bool, True, "per-channel activation grids for values only int8 depthwise convs "
                                                "read, where exact (needs calibrate's per-channel ranges)"))
@@ -134,10 +154,7 @@ def quantize(graph: Graph, ctx: PassContext) -> PassResult:
     scheme = scheme_for(ctx.target)
     if scheme.note:
         ctx.log(f"warning: {scheme.note}")
-    excluded = _excluded(ctx.options.get("exclude", ""))
-    unknown = sorted(x for x in excluded if x not in ops.OPS and x not in {n.name for n in graph.nodes})
-    if unknown:
-        raise PipelineError(f"quantize: exclude= names neither a node nor an op: {', '.join(unknown)}")
+    excluded = _excluded(ctx.options.get("exclude", ""), graph)
     per_channel = ctx.options.get("per_channel", True)
     quantized = [n for n in graph.nodes if _quantizable(graph, n, excluded)]
     qnames = {n.name for n in quantized}

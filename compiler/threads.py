@@ -18,10 +18,15 @@ def physical_cores() -> int:
     cores = set()
     for cpu in cpus:
         try:
-            cores.add(tuple(open(_TOPOLOGY.format(cpu, f)).read().strip() for f in ("physical_package_id", "core_id")))
+            cores.add(tuple(_read(_TOPOLOGY.format(cpu, f)) for f in ("physical_package_id", "core_id")))
         except OSError:
             return len(cpus)
     return len(cores) or 1
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
 
 
 def default_tvm_threads() -> int:

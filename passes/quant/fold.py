@@ -57,20 +57,29 @@ def _channel_params(g: Graph, n: Node) -> tuple[np.ndarray, int] | None:
     return np.asarray(g.weight(s), np.float32), int(zp.flat[0])
 
 
+def _activation_dequantize(g: Graph, v: str) -> Node | None:
+    """The dequantize producing `v` from a non-constant (activation) value, if that is what produces it."""
+    n = g.producer(v)
+    return n if n is not None and n.op == "dequantize" and not g.is_param(n.inputs[0]) else None
+
+
+def _quantize_readers(g: Graph, v: str) -> list[Node] | None:
+    """The readers of `v` if there are some and all are quantize nodes (and `v` is no graph output)."""
+    users = g.users(v)
+    return users if v not in g.outputs and users and all(u.op == "quantize" for u in users) else None
+
+
 def dequantized_channels(g: Graph, v: str) -> ChannelQParams | None:
     """The ChannelQParams if `v` is a per-channel dequantize (one zero point) of a non-constant value."""
-    n = g.producer(v)
-    if n is None or n.op != "dequantize" or g.is_param(n.inputs[0]):
-        return None
-    p = _channel_params(g, n)
+    n = _activation_dequantize(g, v)
+    p = None if n is None else _channel_params(g, n)
     return None if p is None else ChannelQParams(n.inputs[0], p[0], p[1], g.type_of(n.inputs[0]).dtype)
 
 
 def requantized_per_channel(g: Graph, v: str) -> tuple[list[Node], ChannelQParams] | None:
     """The quantize nodes that are the only readers of `v` if they all use one per-channel grid (one zero point)."""
-    users = g.users(v)
-    if v in g.outputs or not users or any(u.op != "quantize" for u in users) \
-            or len({(u.inputs[1], u.inputs[2], u.out_type.dtype) for u in users}) != 1:
+    users = _quantize_readers(g, v)
+    if users is None or len({(u.inputs[1], u.inputs[2], u.out_type.dtype) for u in users}) != 1:
         return None
     p = _channel_params(g, users[0])
     return None if p is None else (users, ChannelQParams(users[0].name, p[0], p[1], users[0].out_type.dtype))
@@ -85,10 +94,8 @@ def _scalar_params(g: Graph, n: Node) -> tuple[float, int] | None:
 
 def dequantized_activation(g: Graph, v: str) -> QParams | None:
     """The QParams if `v` is a per-tensor dequantize of a non-constant value."""
-    n = g.producer(v)
-    if n is None or n.op != "dequantize" or g.is_param(n.inputs[0]):
-        return None
-    p = _scalar_params(g, n)
+    n = _activation_dequantize(g, v)
+    p = None if n is None else _scalar_params(g, n)
     return None if p is None else QParams(n.inputs[0], p[0], p[1], g.type_of(n.inputs[0]).dtype)
 
 
@@ -105,8 +112,8 @@ def dequantized_weight(g: Graph, v: str) -> tuple[str, np.ndarray, np.ndarray] |
 
 def requantized_by(g: Graph, v: str) -> tuple[list[Node], QParams] | None:
     """The quantize nodes that are the only readers of `v` if they all use one per-tensor grid."""
-    users = g.users(v)
-    if v in g.outputs or not users or any(u.op != "quantize" for u in users):
+    users = _quantize_readers(g, v)
+    if users is None:
         return None
     params = {_scalar_params(g, u) for u in users}
     dtypes = {u.out_type.dtype for u in users}

@@ -142,6 +142,10 @@ SLIMC_PIPELINES = {
     "slimc int8 mse+BC+fallback 1%": "calibrate{method=mse},quantize,bias-correct,quant-fallback{max_drop=0.01}",
     "slimc int8 mse+GPTQ+BC+fallback": "calibrate{method=mse},quantize,round-weights,bias-correct,"
                                        "quant-fallback{max_drop=0.02}",
+    "slimc int8 mse+GPTQ+BC+int16 fallback": "calibrate{method=mse},quantize,round-weights,bias-correct,"
+                                             "quant-fallback{max_drop=0.02,to=int16}",
+    "slimc int8 mse+GPTQ+BC+int16 fallback 1%": "calibrate{method=mse},quantize,round-weights,bias-correct,"
+                                                "quant-fallback{max_drop=0.01,to=int16}",
     "slimc int8 mse+GPTQ+BC+fallback 1%": "calibrate{method=mse},quantize,round-weights,bias-correct,"
                                           "quant-fallback{max_drop=0.01}",
 }
@@ -169,10 +173,10 @@ def _slimc_int8(passes: str) -> Method:
         seconds = time.perf_counter() - t0
         steps = {r.name.split("{")[0]: dict(r.pass_stats) for r in records}
         info = {"quantize_seconds": seconds, "pipeline": pipeline,
-                "int8_mac_share": steps["fold-qdq"]["int8_mac_share"]}
+                **{k: steps["fold-qdq"][k] for k in ("int8_mac_share", "int16_mac_share")}}
         if "quant-fallback" in steps:
             fb = steps["quant-fallback"]
-            info["fallback"] = {k: fb[k] for k in ("float_fallback", "met", "before", "after", "budget", "tried")
+            info["fallback"] = {k: fb[k] for k in ("fallback", "to", "met", "before", "after", "budget", "tried")
                                 if k in fb}
         return MethodOutput(interpreter_logits(graph, case.evaluation), info)
     run.__doc__ = f"slimc int8 (u8 act, per-channel s8 weights): {passes}, fold-qdq, run by slimc.interpreter."
@@ -277,6 +281,8 @@ def table(results: list[dict]) -> str:
             acc = f"{row['accuracy']:8.2%}" if "accuracy" in row else "-"
             q = f"{row['quantize_seconds']:8.1f}s" if "quantize_seconds" in row else "-"
             macs = f"{row['int8_mac_share']:8.1%}" if "int8_mac_share" in row else "-"
+            if row.get("int16_mac_share"):  # the rest of the integer MACs read 16-bit activations
+                macs += f" +{row['int16_mac_share']:.1%} int16"
             lines.append(f"{r['model']:18s} {row['method']:{w}s} {row['top1_agreement']:10.2%} "
                          f"{row['sqnr_median_db']:8.1f}  {row['sqnr_mean_db']:8.1f}  {row['sqnr_p10_db']:8.1f}  "
                          f"{acc:>9s} {macs:>9s} {q:>9s}")

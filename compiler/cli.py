@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", metavar="MODULE:FN",
                    help="with --max-drop: judge the drop by fn(logits, labels) -> float (higher is better) on labelled "
                         "--data instead of top-1 agreement")
+    p.add_argument("--fallback-to", choices=("float", "int16"), default="float",
+                   help="what --max-drop/--sqnr-floor do to a sensitive layer: put it back in float (default), or keep "
+                        "its int8 weights and integer kernel and give the activations it reads a 16-bit grid")
     _add_data_args(p)
     p.set_defaults(func=cmd_compile)
 
@@ -265,9 +268,10 @@ INT8_RECOVERY = ("round-weights", "bias-correct")
 
 
 def backend_pipeline(passes: str, int8: bool, calib_method: str, max_drop: float | None = None,
-                     sqnr_floor: float | None = None, metric: str | None = None) -> str:
+                     sqnr_floor: float | None = None, metric: str | None = None, fallback_to: str = "float") -> str:
     """The pipeline compile runs: --int8 adds calibration, QDQ, GPTQ rounding, bias correction and, given an accuracy
-    budget, float fallback of the most sensitive layers; QDQ is always folded into integer ops."""
+    budget, fallback (float, or int16 activations) of the most sensitive layers; QDQ is always folded into integer
+    ops."""
     from slimc.errors import SlimcError
 
     budget = []
@@ -286,6 +290,11 @@ def backend_pipeline(passes: str, int8: bool, calib_method: str, max_drop: float
             raise SlimcError(f"--metric {metric!r} needs --max-drop (the drop it is judged by) and must name "
                              "'package.module:callable' computing fn(logits, labels) -> float, higher is better")
         budget.append(f"metric={metric}")
+    if fallback_to != "float":
+        if not budget:
+            raise SlimcError(f"--fallback-to {fallback_to} says what the accuracy budget does to sensitive layers; give "
+                             "the budget too (--max-drop or --sqnr-floor)")
+        budget.append(f"to={fallback_to}")
     if budget and not int8:
         raise SlimcError("--max-drop, --sqnr-floor and --metric set the accuracy budget of int8 quantization; "
                          "add --int8 (or drop them)")
@@ -312,7 +321,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
         raise SlimcError(f"--trials must be >= 0, got {args.trials}")
     args.passes = backend_pipeline(args.passes, args.int8, args.calib_method, args.max_drop, args.sqnr_floor,
-                                   args.metric)  # a bad flag fails before TVM loads
+                                   args.metric, args.fallback_to)  # a bad flag fails before TVM loads
     from slimc.targets.triple import resolve
 
     from slimc.data import load_data

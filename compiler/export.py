@@ -556,6 +556,10 @@ def _as_uint8(b: _Builder, x: str, dtype: str, suffix: str) -> tuple[str, str]:
     """
     if dtype == "uint8":
         return x, b.const(f"{suffix}_zero_point", 0, np.uint8)
+    if dtype not in ("int8",):
+        raise b.error(f"its {dtype} operand has no ONNX integer conv/matmul (ConvInteger and MatMulInteger take 8-bit "
+                      "inputs); a uint16 activation comes from quant-fallback{to=int16}: export before that pass, use "
+                      "to=float, or ship the TVM artifact")
     wide = b.add("Cast", [x], b.tmp(f"{suffix}_i32"), to=onnx.TensorProto.INT32)[0]
     shifted = b.add("Add", [wide, b.const(f"{suffix}_offset", 128, np.int32)], b.tmp(f"{suffix}_shifted"))[0]
     u8 = b.add("Cast", [shifted], b.tmp(f"{suffix}_u8"), to=onnx.TensorProto.UINT8)[0]
@@ -613,7 +617,7 @@ def _qadd(b: _Builder, n: Node, ins: list[str], outs: list[str]) -> None:
 _ONNX_DTYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
                 "float64": onnx.TensorProto.DOUBLE, "int64": onnx.TensorProto.INT64,
                 "int32": onnx.TensorProto.INT32, "int16": onnx.TensorProto.INT16, "int8": onnx.TensorProto.INT8,
-                "uint8": onnx.TensorProto.UINT8, "bool": onnx.TensorProto.BOOL}
+                "uint8": onnx.TensorProto.UINT8, "uint16": onnx.TensorProto.UINT16, "bool": onnx.TensorProto.BOOL}
 
 
 def _value_info(name: str, t: TensorType) -> onnx.ValueInfoProto:

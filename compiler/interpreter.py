@@ -202,7 +202,7 @@ def _shuffle(x, a):
 
 # ---- quantization --------------------------------------------------------------------------------
 
-_QBOUNDS = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
+_QBOUNDS = {torch.uint8: (0, 255), torch.int8: (-128, 127), torch.uint16: (0, 65535)}
 
 
 def _per_axis(v: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:

@@ -32,6 +32,7 @@ DTYPES: dict[str, str] = {
     "i16": "int16",
     "i8": "int8",
     "u8": "uint8",
+    "u16": "uint16",
     "bool": "bool",
 }
 _LONG_TO_SHORT = {v: k for k, v in DTYPES.items()}

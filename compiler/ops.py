@@ -494,7 +494,8 @@ def _shuffle(t, a):
 # ---- quantization ---------------------------------------------------------------------------------
 
 #: integer types a quantized value may have, with their saturation bounds
-QUANT_DTYPES: dict[str, tuple[int, int]] = {"uint8": (0, 255), "int8": (-128, 127)}
+#: (uint16: wide activation grids of layers that keep int8 weights, quant-fallback{to=int16})
+QUANT_DTYPES: dict[str, tuple[int, int]] = {"uint8": (0, 255), "int8": (-128, 127), "uint16": (0, 65535)}
 
 
 def _check_qparams(x: TensorType, scale: TensorType, zp: TensorType, axis: int, op: str) -> None:
@@ -551,7 +552,7 @@ def _check_qout(a: Mapping[str, Any], op: str) -> str:
 def _check_integer_layer(t: Sequence[TensorType], channels: Dim, op: str) -> None:
     x, w, b, s = t
     if x.dtype not in QUANT_DTYPES or w.dtype != "int8":
-        raise _fail(f"{op}: expects a uint8/int8 input and an int8 weight, got {x} and {w}")
+        raise _fail(f"{op}: expects a {'/'.join(QUANT_DTYPES)} input and an int8 weight, got {x} and {w}")
     if b.dtype != "int32" or b.shape != (channels,) or s.dtype != "float32" or s.shape != (channels,):
         raise _fail(f"{op}: bias must be int32[{channels}] and scale float32[{channels}], got {b} and {s}")
 

@@ -221,7 +221,7 @@ def test_recovery_passes_work_with_channel_grids(graph, samples):
     q, records = PassManager("calibrate{method=mse,cache=false},quantize,bias-correct,"
                              "quant-fallback{sqnr_floor=200,max_layers=3}", context=ctx).run(graph)
     stats = {r.name.split("{")[0]: r.pass_stats for r in records}
-    assert stats["quantize"]["channel_grids"] == 2 and len(stats["quant-fallback"]["float_fallback"]) == 3
+    assert stats["quantize"]["channel_grids"] == 2 and len(stats["quant-fallback"]["fallback"]) == 3
     f, _ = run(q, "fold-qdq", samples)
     assert sqnr(interpreter.run(q, [samples])[0], interpreter.run(f, [samples])[0]) > 40
 

@@ -82,12 +82,12 @@ def test_fallback_puts_the_worst_layer_back_first_and_meets_the_floor(setup):
     g, calib, held_out = setup
     q, stats = run(g, f"{CALIB},quant-fallback", calib)  # no budget: sensitivities only
     sens = stats["sensitivity_db"]
-    assert len(sens) == 6 and stats["float_fallback"] == [] and stats["met"] is None
+    assert len(sens) == 6 and stats["fallback"] == [] and stats["met"] is None
     worst = min(sens, key=sens.get)
     before = sqnr(interpreter.run(g, [calib])[0], interpreter.run(q, [calib])[0])
     floor = round(before + 3, 1)
     out, stats = run(g, f"{CALIB},quant-fallback{{sqnr_floor={floor}}}", calib)
-    assert stats["met"] and stats["float_fallback"][0] == worst
+    assert stats["met"] and stats["fallback"][0] == worst
     assert stats["before"]["output_sqnr_db"] < floor <= stats["after"]["output_sqnr_db"]
     assert sqnr(interpreter.run(g, [calib])[0], interpreter.run(out, [calib])[0]) >= floor
     node = out.node(worst)  # back in float: reads a float value and the float model's weights
@@ -107,8 +107,8 @@ def test_fallback_after_bias_correction_corrects_again(setup):
     # an unreachable floor with at most two nodes in float: the two most sensitive ones go back
     out, stats = run(g, f"{CALIB},bias-correct,quant-fallback{{sqnr_floor=200,max_layers=2}}", calib)
     sens = stats["sensitivity_db"]
-    assert stats["met"] is False and stats["float_fallback"] == sorted(sens, key=sens.get)[:2]
-    fallen = set(stats["float_fallback"])
+    assert stats["met"] is False and stats["fallback"] == sorted(sens, key=sens.get)[:2]
+    fallen = set(stats["fallback"])
     order = [n.name for n in g.nodes]
     first = min(order.index(name) for name in fallen)
     later = 0
@@ -145,6 +145,10 @@ def test_compile_flags_build_the_int8_pipeline():
     assert backend_pipeline(base, True, "mse", max_drop=0.02, sqnr_floor=25.0) == (
         f"{int8},quant-fallback{{max_drop=0.02,sqnr_floor=25.0}},fold-qdq")
     PassManager(backend_pipeline(base, True, "mse", 0.01, None, "pkg.mod:acc"))  # parses
+    assert backend_pipeline(base, True, "mse", max_drop=0.02, fallback_to="int16") == (
+        f"{int8},quant-fallback{{max_drop=0.02,to=int16}},fold-qdq")
+    with pytest.raises(SlimcError, match="give the budget too"):
+        backend_pipeline(base, True, "mse", fallback_to="int16")
     for kwargs, needle in [({"max_drop": 1.5}, "outside [0, 1]"), ({"sqnr_floor": -3.0}, "positive"),
                            ({"metric": "pkg.mod:acc"}, "needs --max-drop"),
                            ({"max_drop": 0.1, "metric": "acc"}, "package.module:callable")]:

@@ -1,8 +1,10 @@
-"""quant-fallback: per-layer int8 sensitivity, and float fallback of the worst layers until an accuracy budget holds.
+"""quant-fallback: per-layer int8 sensitivity, and fallback of the worst layers until an accuracy budget holds.
 
 Sensitivity of an int8 node (conv2d, dense or add) is the SQNR (dB) of the model's outputs against the float model
-when only that node runs in int8, everything else in float. Falling back to float means the node reads float
-operands and the float model's weights and bias again; QDQ pairs that no int8 node reads any more go away.
+when only that node runs in int8, everything else in float. Falling back to float (`to=float`) means the node
+reads float operands and the float model's weights and bias again; QDQ pairs that no int8 node reads any more go
+away. Falling back to int16 (`to=int16`) keeps the node's int8 weights and integer arithmetic but widens the grids
+of the activations it reads to uint16 (`wide`: up to 2^16 levels, as many as its int32 sums allow).
 The budget is an output-SQNR floor and/or a largest drop of a metric measured against the model before the
 pipeline: top-1 agreement with it by default, or a user's `module:callable(logits, labels) -> float` (higher is
 better) on labelled data. The worst nodes fall back first; the smallest such prefix that meets the budget is found
@@ -29,9 +31,12 @@ from slimc.passes.quant.bias_correct import correct
 from slimc.passes.quant.fold import dequantized_weight
 from slimc.passes.quant.qdq import (Samples, activation_source, check_twins, float_model, float_source, int8_nodes,
                                     load_samples, run_outputs)
+from slimc.passes.quant.wide import widen
 from slimc.rewrite import Edit, eliminate_dead_code
 
 WHO = "quant-fallback"
+#: what `to=` does to a node, as the log says it
+FALLBACKS = {"float": "in float", "int16": "with int16 activations"}
 #: ops whose output reuses their input's grid (quantize's PRESERVING_OPS): their input stays quantized if they do
 PRESERVING_OPS = ("max_pool2d", "flatten", "reshape")
 
@@ -121,6 +126,13 @@ class Budget:
         return ok, figures
 
 
+def grid_nodes(g: Graph, dtype: str) -> set[str]:
+    """Names of the int8 nodes of QDQ graph `g` whose activation operands all come from `dtype` grids."""
+    return {n.name for n in int8_nodes(g)
+            if all(g.type_of(g.producer(v).inputs[0]).dtype == dtype
+                   for v in (n.inputs[:1] if n.op in ("conv2d", "dense") else n.inputs))}
+
+
 def mac_share(g: Graph, nodes: Collection[str]) -> float:
     """Share of the graph's MACs in the named nodes."""
     total = part = 0
@@ -178,13 +190,20 @@ def _budget(ctx: PassContext) -> Budget:
     metric=opt(str, "agreement", "agreement (top-1 with the float model) or package.module:callable(logits, labels)"),
     samples=opt(int, 0, "samples (of --data, else --calib) the budget is checked on (0: all)"),
     sensitivity_samples=opt(int, 16, "samples per sensitivity run (one run per int8 node)"),
-    max_layers=opt(int, 0, "most nodes to put back in float (0: as many as the budget needs)"),
+    max_layers=opt(int, 0, "most nodes to fall back (0: as many as the budget needs)"),
     batch_size=opt(int, 16, "samples per interpreter call"),
+    to=opt(str, "float", "float (the node computes in float again) or int16 (it keeps int8 weights and reads "
+                         "uint16 activations: integer kernels, no VNNI/dotprod)"),
 )
 def quant_fallback(graph: Graph, ctx: PassContext) -> PassResult:
-    """Rank int8 layers by output SQNR when only they are int8; put the worst back in float until the budget holds."""
+    """Rank int8 layers by output SQNR when only they are int8; put the worst back in float (or give them wide
+    activation grids) until the budget holds."""
     o = ctx.options
     budget = _budget(ctx)
+    to = o.get("to", "float")
+    if to not in FALLBACKS:
+        raise PipelineError(f"{WHO}: to={to!r} is neither float (layers compute in float again) nor int16 (layers "
+                            "keep int8 weights and read 16-bit activations)")
     limit, sens_n, max_layers, bs = o.get("samples", 0), o.get("sensitivity_samples", 16), o.get("max_layers", 0), \
         o.get("batch_size", 16)
     if limit < 0 or sens_n < 1 or max_layers < 0 or bs < 1:
@@ -210,17 +229,18 @@ def quant_fallback(graph: Graph, ctx: PassContext) -> PassResult:
         "sqnr_floor": budget.sqnr_floor, "max_drop": budget.max_drop, "metric": budget.metric,
         "reference_metric": ref_metric, "samples": len(samples)}}
     if budget.sqnr_floor is None and budget.max_drop is None:
-        return PassResult(graph, False, {**stats, "float_fallback": [], "met": None})
+        return PassResult(graph, False, {**stats, "fallback": [], "to": to, "met": None})
 
     tried: dict[int, tuple[bool, dict, Graph]] = {}
 
     def attempt(k: int) -> bool:
         if k not in tried:
-            g = graph if k == 0 else float_fallback(base, f, order[:k])
+            g = graph if k == 0 else (float_fallback(base, f, order[:k]) if to == "float" else
+                                      widen(base, order[:k])[0])
             g = redo(g) if k and redo is not None else g
             ok, figures = budget.check(run_outputs(g, samples, bs), ref, samples, ref_metric, metric)
             tried[k] = (ok, figures, g)
-            ctx.log(f"{WHO}: {k} node(s) in float: {figures} -> {'meets' if ok else 'misses'} the budget")
+            ctx.log(f"{WHO}: {k} node(s) {FALLBACKS[to]}: {figures} -> {'meets' if ok else 'misses'} the budget")
         return tried[k][0]
 
     cap = min(max_layers or len(order), len(order))
@@ -241,15 +261,14 @@ def quant_fallback(graph: Graph, ctx: PassContext) -> PassResult:
                     lo = mid
     k = hi if hi is not None else cap
     ok, figures, out = tried[k]
-    int8 = {n.name for n in nodes}
 
-    def share(j: int) -> float:
-        return round(mac_share(f, int8 - set(order[:j])), 4)
+    def shares(j: int) -> dict:
+        return {f"{bits}_mac_share": round(mac_share(f, grid_nodes(tried[j][2], dtype)), 4)
+                for bits, dtype in (("int8", "uint8"), ("int16", "uint16"))}
 
-    stats.update({"float_fallback": order[:k], "met": ok, "before": tried[0][1], "after": figures,
-                  "int8_mac_share": share(k),
-                  "tried": [{"float_nodes": j, **tried[j][1], "int8_mac_share": share(j)} for j in sorted(tried)]})
+    stats.update({"fallback": order[:k], "to": to, "met": ok, "before": tried[0][1], "after": figures, **shares(k),
+                  "tried": [{"nodes": j, **tried[j][1], **shares(j)} for j in sorted(tried)]})
     if not ok:
-        ctx.log(f"warning: {WHO}: the budget is not met with {k} node(s) in float ({figures}); raise max_layers "
-                "or relax sqnr_floor / max_drop")
+        ctx.log(f"warning: {WHO}: the budget is not met with {k} node(s) {FALLBACKS[to]} ({figures}); raise "
+                "max_layers or relax sqnr_floor / max_drop")
     return PassResult(out, k > 0, stats)

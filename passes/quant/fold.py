@@ -290,13 +290,14 @@ def fold_weight_dequantize(g: Graph) -> tuple[Graph, int]:
     return e.apply(), count
 
 
-def int8_mac_share(g: Graph) -> float:
-    """Share of the graph's MACs computed by integer ops."""
+def int8_mac_share(g: Graph, wide: bool = False) -> float:
+    """Share of the graph's MACs computed by integer ops reading 8-bit activations (`wide`: 16-bit ones instead)."""
     total = q = 0
     for n in g.nodes:
         m = ops.macs(n.op, [g.type_of(i) for i in n.inputs], n.out_types, n.attrs)
         total += m
-        q += m if n.op in INTEGER_OPS else 0
+        if n.op in INTEGER_OPS and (g.type_of(n.inputs[0]).dtype == "uint16") == wide:
+            q += m
     return q / total if total else 0.0
 
 
@@ -310,5 +311,5 @@ def fold_qdq(graph: Graph, ctx: PassContext) -> PassResult:
     left = Counter(n.op for n in g.nodes if n.op in ("quantize", "dequantize"))
     stats = {"folded": dict(sorted(folder.folded.items())), "float_constants": constants,
              "quantize_left": left.get("quantize", 0), "dequantize_left": left.get("dequantize", 0),
-             "int8_mac_share": round(int8_mac_share(g), 4)}
+             "int8_mac_share": round(int8_mac_share(g), 4), "int16_mac_share": round(int8_mac_share(g, True), 4)}
     return PassResult(g, bool(folder.folded) or constants > 0, stats)

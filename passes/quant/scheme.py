@@ -31,28 +31,48 @@ def scheme_for(target) -> Scheme:
                        "will run about as fast as fp32; quantize for size, or pick a target with one")
 
 
-#: significant bits of an activation scale: (q - zero_point) * scale, a 9-bit integer times the scale, is then
+#: significant bits of a u8 activation scale: (q - zero_point) * scale, a 9-bit integer times the scale, is then
 #: exact in float32, so whether LLVM contracts a dequantize's multiply with the next add into an FMA (it does)
 #: cannot change the result, and integer adds stay bit-exact against the interpreter
 SCALE_BITS = 15
+#: float32's significand: a product of two integers is exact in float32 while their bits add up to at most this
+FLOAT32_BITS = 24
 
 
-def exact_product_scale(scale: float) -> np.float32:
-    """`scale` rounded up to SCALE_BITS significant bits (up: the grid still holds the calibrated range)."""
+def exact_product_scale(scale: float, bits: int = SCALE_BITS) -> np.float32:
+    """`scale` rounded up to `bits` significant bits (up: the grid still holds the calibrated range)."""
     m, e = np.frexp(np.float64(scale))
-    return np.float32(np.ldexp(np.ceil(m * 2.0 ** SCALE_BITS), int(e) - SCALE_BITS))
+    return np.float32(np.ldexp(np.ceil(m * 2.0 ** bits), int(e) - bits))
 
 
-def activation_qparams(lo: float, hi: float, qmax: int = 255) -> tuple[np.float32, np.uint8]:
-    """Asymmetric u8 (scale, zero point) whose grid holds the range widened to contain 0 (0 is exact)."""
+def activation_qparams(lo: float, hi: float, qmax: int = 255) -> tuple[np.float32, np.unsignedinteger]:
+    """Asymmetric (scale, zero point) whose grid [0, qmax] holds the range widened to contain 0 (0 is exact); the
+    zero point is uint8 up to qmax 255, else uint16 (wide grids, `wide_qmax`)."""
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     if not np.isfinite(lo) or not np.isfinite(hi):
         raise ValueError(f"calibrated range [{lo}, {hi}] is not finite")
+    zp_type = np.uint8 if qmax <= 255 else np.uint16
     if hi - lo <= 0.0:
-        return np.float32(1.0), np.uint8(0)
-    scale = exact_product_scale((hi - lo) / qmax)
+        return np.float32(1.0), zp_type(0)
+    # (q - zp) needs qmax.bit_length() + 1 signed bits: the scale keeps the rest of float32's significand
+    scale = exact_product_scale((hi - lo) / qmax, FLOAT32_BITS - qmax.bit_length() - 1)
     zp = int(np.clip(np.round(-lo / float(scale)), 0, qmax))
-    return scale, np.uint8(zp)
+    return scale, zp_type(zp)
+
+
+def widened_qparams(scale: np.ndarray, zero_point: np.ndarray, qmax: int,
+                    old_qmax: int = 255) -> tuple[np.ndarray, np.ndarray]:
+    """A uint16 grid [0, qmax] holding at least the range of the u8 grid (scale, zero point); scalar or per channel.
+
+    The zero point scales with the level count (one zero point for all channels stays one), and each scale is the
+    smallest exact-product scale (`activation_qparams`) reaching both ends of the old range from it.
+    """
+    s, z = np.asarray(scale, np.float64), np.asarray(zero_point, np.float64)
+    zp = np.round(z * qmax / old_qmax)
+    need = np.maximum(np.where(zp > 0, s * z / np.maximum(zp, 1.0), 0.0), s * (old_qmax - z) / (qmax - zp))
+    bits = FLOAT32_BITS - int(qmax).bit_length() - 1
+    new = np.vectorize(lambda v: exact_product_scale(v, bits), otypes=[np.float32])(need)
+    return np.asarray(new, np.float32).reshape(s.shape), zp.astype(np.uint16).reshape(z.shape)
 
 
 #: the int32 bias of an integer layer must hold bias / (x_scale * w_scale) with room for the zero-point correction

@@ -107,6 +107,25 @@ def test_compile_int8_cli_reports_integer_kernels(tmp_path):
     assert missing.returncode != 0 and "--calib" in missing.stderr and not (tmp_path / "x").exists()
 
 
+def test_compile_with_int16_fallback_reports_the_wide_layers(tmp_path):
+    import json
+
+    from test_backend import slimc
+
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32))
+    out = tmp_path / "art"
+    done = slimc("compile", "tiny_models:quant_net", "--int8", "--calib", str(calib), "--calib-method", "minmax",
+                 "--sqnr-floor", "200", "--fallback-to", "int16", "--no-measure", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    assert "quant-fallback{sqnr_floor=200.0,to=int16}" in meta["pipeline"]
+    q = meta["quantization"]  # an unreachable floor: every layer reads int16 activations, none is float
+    assert q["int16_mac_share"] > 0.99 and q["int16_layers"] and not q["float_layers"]
+    assert meta["check"]["max_rel"] == 0.0
+    assert "reading int16 activations" in (out / "report.md").read_text()
+
+
 def test_pruning_composes_with_int8_in_one_pipeline():
     """prune (rounded to the target's block) -> calibrate -> quantize -> fold-qdq -> build, exact vs the IR."""
     from slimc.data import from_arrays

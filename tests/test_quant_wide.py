@@ -166,3 +166,16 @@ def test_near_dead_channels_get_a_weight_scale_their_int32_bias_fits(setup):
         next(n for n in folded.nodes if n.op == "qconv2d" and n.inputs[1].startswith(wdq.inputs[0]))
     assert layer.op == "qconv2d" and folded.type_of(layer.inputs[0]).dtype == "uint16"
     assert np.abs(folded.weight(layer.inputs[2]).astype(np.int64)).max() < 2 ** 31 - 2 ** 29
+
+
+def test_wide_integer_graph_round_trips_through_slimc_files_and_pt2(setup, tmp_path):
+    from slimc import export, ir
+
+    _, q, x = setup
+    folded, _ = PassManager("fold-qdq").run(widen(q, [n.name for n in int8_nodes(q)])[0])
+    ir.save(folded, tmp_path / "m.slimc")
+    assert ir.load(tmp_path / "m.slimc") == folded
+    assert ir.parse_graph(ir.print_graph(folded)).value_types == folded.value_types  # u16 in the text form
+    export.to_pt2(folded, tmp_path / "m.pt2")
+    ep = torch.export.load(str(tmp_path / "m.pt2"))
+    np.testing.assert_array_equal(ep.module()(torch.from_numpy(x[:1])).numpy(), interpreter.run(folded, [x[:1]])[0])

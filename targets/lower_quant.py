@@ -95,7 +95,7 @@ def _vnni_blocks(lw: Lowerer, n: Node, cin: int, cout: int) -> tuple[int, int] |
     """(input block, output block) for a VNNI conv (cin rounded up to 4 lanes), or None when it cannot use one."""
     if getattr(lw.target_info, "int8_dot", None) != "vnni" or n.attrs.get("groups", 1) != 1:
         return None
-    if lw.graph.type_of(n.inputs[0]).dtype != "uint8":
+    if lw.graph.type_of(n.inputs[0]).dtype not in ("uint8", "uint16"):
         return None
     cin = -(-cin // VNNI_IC_LANES) * VNNI_IC_LANES
     ib = max(d for d in range(VNNI_IC_LANES, 17, VNNI_IC_LANES) if cin % d == 0)
@@ -119,28 +119,57 @@ def _lane_padded_input(lw: Lowerer, n: Node, w: np.ndarray, ib: int, zp: float, 
     return x, np.pad(w, ((0, 0), (0, extra), (0, 0), (0, 0)))
 
 
-def _vnni_conv(lw: Lowerer, n: Node, w: np.ndarray, bias: np.ndarray, scale: np.ndarray, blocks: tuple[int, int],
-               source=None) -> Val:
-    """conv2d_NCHWc_int8 (templated into vpdpbusd) + requantizing epilogue; output channels padded to 16-blocks."""
+def _vnni_acc(lw: Lowerer, n: Node, w: np.ndarray, blocks: tuple[int, int], zp: int, source):
+    """int32 accumulator of conv2d_NCHWc_int8 (templated into vpdpbusd) on the u8 input `source(block)` padded with
+    `zp`; output channels padded to whole 16-blocks."""
     from tvm import topi
-    from tvm.relax import op as R
 
     ib, ob = blocks
     a = n.attrs
-    zp = float(a["x_zero_point"])
     stride, padding, dilation = (tuple(a.get(k, d)) for k, d in
                                  (("stride", (1, 1)), ("padding", (0, 0, 0, 0)), ("dilation", (1, 1))))
+    x, w = _lane_padded_input(lw, n, w, ib, float(zp), source)
+    x = _spatial_pad(lw, x, padding, 5, float(zp))
+    w = np.pad(w, ((0, -w.shape[0] % ob), (0, 0), (0, 0), (0, 0)))
+    with lw.target:
+        return lw.bb.emit_te(topi.nn.conv2d_NCHWc_int8, x, lw.const(pack_int8_conv_weight(w, ib, ob)),
+                             stride, (0, 0), dilation, f"NCHW{ib}c", f"NCHW{ob}c", "int32",
+                             VNNI_IC_LANES, primfunc_name_hint="conv2d_NCHWc_int8")
+
+
+def _byte(lw: Lowerer, source, high: bool):
+    """`source(block)` (uint16) -> its high or low byte as uint8."""
+    from tvm.relax import op as R
+
+    def part(block: int):
+        x = source(block)
+        x = R.right_shift(x, lw.const(np.uint16(8))) if high else R.bitwise_and(x, lw.const(np.uint16(255)))
+        return lw.bb.emit(R.astype(x, "uint8"))
+    return part
+
+
+def _vnni_conv(lw: Lowerer, n: Node, w: np.ndarray, bias: np.ndarray, scale: np.ndarray, blocks: tuple[int, int],
+               source=None) -> Val:
+    """conv2d_NCHWc_int8 (templated into vpdpbusd) + requantizing epilogue; output channels padded to 16-blocks.
+
+    A uint16 input (wide grid, passes/quant/wide.py) is x = 256 * hi + lo with u8 bytes: two vpdpbusd convs whose
+    sum 256 * acc(hi) + acc(lo) is exact in int32, since the grid keeps qmax * sum|w| below 2^29.
+    """
+    from tvm.relax import op as R
+
+    ib, ob = blocks
+    zp = int(n.attrs["x_zero_point"])
+    source = source or (lambda block: lw.expr(n.inputs[0], block))
     cout = w.shape[0]
-    x, w = _lane_padded_input(lw, n, w, ib, zp, source)
-    x = _spatial_pad(lw, x, padding, 5, zp)
+    if lw.graph.type_of(n.inputs[0]).dtype == "uint16":
+        hi = _vnni_acc(lw, n, w, blocks, zp >> 8, _byte(lw, source, True))
+        lo = _vnni_acc(lw, n, w, blocks, zp & 255, _byte(lw, source, False))
+        acc = lw.bb.emit(R.add(R.multiply(hi, lw.const(np.int32(256))), lo))
+    else:
+        acc = _vnni_acc(lw, n, w, blocks, zp, source)
     extra = -cout % ob  # output channels padded to whole 16-channel blocks, sliced off after
     if extra:
-        w = np.pad(w, ((0, extra), (0, 0), (0, 0), (0, 0)))
         bias, scale = np.pad(bias, (0, extra)), np.pad(scale, (0, extra), constant_values=1.0)
-    with lw.target:
-        acc = lw.bb.emit_te(topi.nn.conv2d_NCHWc_int8, x, lw.const(pack_int8_conv_weight(w, ib, ob)),
-                            stride, (0, 0), dilation, f"NCHW{ib}c", f"NCHW{ob}c", "int32",
-                            VNNI_IC_LANES, primfunc_name_hint="conv2d_NCHWc_int8")
     y = requantize(lw, acc, n, scale, ob, bias)
     if not extra:
         return Val(y, ob)
@@ -194,7 +223,7 @@ def _qdense(lw: Lowerer, n: Node):
     w = g.weight(n.inputs[1])
     bias, scale = g.weight(n.inputs[2]), g.weight(n.inputs[3])
     x_t = g.type_of(n.inputs[0])
-    if getattr(lw.target_info, "int8_dot", None) == "vnni" and x_t.rank == 2 and x_t.dtype == "uint8":
+    if getattr(lw.target_info, "int8_dot", None) == "vnni" and x_t.rank == 2 and x_t.dtype in ("uint8", "uint16"):
         return [_vnni_dense(lw, n, w, bias, scale)]
     x = lw.bb.emit(R.astype(lw.expr(n.inputs[0]), "int32"))  # the bias holds the zero-point correction
     acc = lw.bb.emit(R.matmul(x, lw.const(np.ascontiguousarray(w.T.astype(np.int32))), out_dtype="int32"))

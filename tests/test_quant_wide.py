@@ -15,6 +15,12 @@ from slimc.passes.quant.wide import SUM_LIMIT, WIDE_MIN_BITS, group_qmax, widen,
 CALIB = "calibrate{method=minmax,cache=false},quantize"
 
 
+def resolve_native_dot() -> str | None:
+    from slimc.targets.triple import resolve
+
+    return resolve("native").int8_dot
+
+
 def sqnr(ref: np.ndarray, x: np.ndarray) -> float:
     """Output SQNR in dB (inf: exact)."""
     with np.errstate(divide="ignore"):
@@ -143,6 +149,31 @@ def test_int16_layers_build_bit_exact(setup):
         r = build(folded, resolve(triple), trials=0, progress=False)
         got = relax.VirtualMachine(r.executable, tvm.cpu())["main"](tvm.runtime.tensor(x[:1])).numpy()
         np.testing.assert_array_equal(got, interpreter.run(folded, [x[:1]])[0])
+
+
+@pytest.mark.backend
+@pytest.mark.skipif(resolve_native_dot() != "vnni", reason="host CPU has no AVX-512 VNNI")
+def test_int16_layers_run_two_vpdpbusd_convs(setup, tmp_path):
+    """x = 256 * hi + lo: a wide conv is two u8 x s8 VNNI convs, bit-exact against the interpreter."""
+    import tvm
+    from tvm import relax
+
+    from slimc.targets.asm import count_int8_dot
+    from slimc.targets.build import build
+    from slimc.targets.triple import resolve
+
+    _, q, x = setup
+    counts = {}
+    for wide in (False, True):
+        g = widen(q, [n.name for n in int8_nodes(q)])[0] if wide else q
+        folded, _ = PassManager("fold-qdq").run(g)
+        r = build(folded, resolve("native"), trials=0, progress=False)
+        got = relax.VirtualMachine(r.executable, tvm.cpu())["main"](tvm.runtime.tensor(x[:1])).numpy()
+        np.testing.assert_array_equal(got, interpreter.run(folded, [x[:1]])[0])
+        lib = str(tmp_path / f"m{wide}.so")
+        r.executable.export_library(lib)
+        counts[wide] = count_int8_dot(lib, resolve("native"))["vpdpbusd"]
+    assert counts[True] > counts[False] > 0, counts
 
 
 def test_near_dead_channels_get_a_weight_scale_their_int32_bias_fits(setup):

@@ -104,6 +104,8 @@ def test_int16_fallback_meets_the_floor_and_folds_to_integer_ops(setup):
     out, records = PassManager(pipeline, context=PassContext(calib=data.from_arrays([x]))).run(g)
     fb, fold = records[-2].pass_stats, records[-1].pass_stats
     assert fb["met"] and fb["to"] == "int16" and fb["fallback"] and fb["after"]["output_sqnr_db"] >= floor
+    gains = fb["widening_gain_db"]  # the node whose widening alone gains most goes first
+    assert fb["fallback"][0] == max(gains, key=gains.get) and gains[fb["fallback"][0]] > 0
     assert fb["int16_mac_share"] > 0 and abs(fb["int8_mac_share"] + fb["int16_mac_share"] - 0.9999) < 1e-3  # - dense
     assert not any(n.op == "conv2d" for n in out.nodes)  # every conv still integer
     assert fold["int16_mac_share"] > 0 and abs(fold["int8_mac_share"] + fold["int16_mac_share"] - 0.9999) < 1e-3

@@ -1,7 +1,8 @@
 """quant-fallback: per-layer int8 sensitivity, and fallback of the worst layers until an accuracy budget holds.
 
 Sensitivity of an int8 node (conv2d, dense or add) is the SQNR (dB) of the model's outputs against the float model
-when only that node runs in int8, everything else in float. Falling back to float (`to=float`) means the node
+when only that node runs in int8, everything else in float; for `to=int16` it is the SQNR gain of widening only
+that node's activation grids in the int8 model. Falling back to float (`to=float`) means the node
 reads float operands and the float model's weights and bias again; QDQ pairs that no int8 node reads any more go
 away. Falling back to int16 (`to=int16`) keeps the node's int8 weights and integer arithmetic but widens the grids
 of the activations it reads to uint16 (`wide`: up to 2^16 levels, as many as its int32 sums allow).
@@ -31,7 +32,7 @@ from slimc.passes.quant.bias_correct import correct
 from slimc.passes.quant.fold import dequantized_weight
 from slimc.passes.quant.qdq import (Samples, activation_source, check_twins, float_model, float_source, int8_nodes,
                                     load_samples, run_outputs)
-from slimc.passes.quant.wide import widen
+from slimc.passes.quant.wide import observed_ranges, widen
 from slimc.rewrite import Edit, eliminate_dead_code
 
 WHO = "quant-fallback"
@@ -157,6 +158,20 @@ def sensitivities(q: Graph, f: Graph, nodes: Sequence[Node], samples: Samples, b
     return out
 
 
+def widening_gains(q: Graph, f: Graph, nodes: Sequence[Node], samples: Samples, batch_size: int,
+                    ranges: dict[str, tuple[float, float]] | None, log=lambda msg: None) -> dict[str, float]:
+    """Output SQNR gain (dB, vs `f`) of widening only one int8 node's activation grids in `q`, for each node: what
+    falling back to int16 buys there (a node whose error is its weights' gains nothing)."""
+    ref = run_outputs(f, samples, batch_size)
+    before = sqnr_db(run_outputs(q, samples, batch_size), ref)
+    out: dict[str, float] = {}
+    for i, n in enumerate(nodes):
+        out[n.name] = round(sqnr_db(run_outputs(widen(q, [n.name], ranges)[0], samples, batch_size), ref) - before, 3)
+        if (i + 1) % 10 == 0 or i + 1 == len(nodes):
+            log(f"{WHO}: widening gain {i + 1}/{len(nodes)}")
+    return out
+
+
 def _before_bias_correction(graph: Graph, f: Graph, ctx: PassContext) -> tuple[Graph, Callable[[Graph], Graph] | None]:
     """The QDQ graph before bias-correct and a function redoing that correction on a candidate, if bias-correct ran
     on this graph; else (graph, None). A correction measured with a layer in int8 is wrong once it is float again."""
@@ -223,9 +238,15 @@ def quant_fallback(graph: Graph, ctx: PassContext) -> PassResult:
     ref_metric = 1.0 if metric is None else float(metric(ref[0], samples.labels))
 
     base, redo = _before_bias_correction(graph, f, ctx)
-    sens = sensitivities(base, f, nodes, samples.head(sens_n), bs, ctx.log)
-    order = sorted(sens, key=lambda name: sens[name])
-    stats: dict = {"int8_nodes": len(nodes), "sensitivity_db": sens, "budget": {
+    calib = ctx.calibration_data if ctx.calibration_data is not None else data
+    ranges = None if to == "float" else observed_ranges(f, load_samples(calib, 0, WHO), bs)
+    if to == "float":
+        sens = sensitivities(base, f, nodes, samples.head(sens_n), bs, ctx.log)
+        order = sorted(sens, key=lambda name: sens[name])
+    else:
+        sens = widening_gains(base, f, nodes, samples.head(sens_n), bs, ranges, ctx.log)
+        order = sorted(sens, key=lambda name: -sens[name])
+    stats: dict = {"int8_nodes": len(nodes), "sensitivity_db" if to == "float" else "widening_gain_db": sens, "budget": {
         "sqnr_floor": budget.sqnr_floor, "max_drop": budget.max_drop, "metric": budget.metric,
         "reference_metric": ref_metric, "samples": len(samples)}}
     if budget.sqnr_floor is None and budget.max_drop is None:
@@ -236,7 +257,7 @@ def quant_fallback(graph: Graph, ctx: PassContext) -> PassResult:
     def attempt(k: int) -> bool:
         if k not in tried:
             g = graph if k == 0 else (float_fallback(base, f, order[:k]) if to == "float" else
-                                      widen(base, order[:k])[0])
+                                      widen(base, order[:k], ranges)[0])
             g = redo(g) if k and redo is not None else g
             ok, figures = budget.check(run_outputs(g, samples, bs), ref, samples, ref_metric, metric)
             tried[k] = (ok, figures, g)

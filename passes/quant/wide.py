@@ -1,7 +1,8 @@
 """Wide activation grids: uint16 storage for the activations that int8 layers too sensitive for u8 read.
 
 A widened layer keeps its int8 weights and integer arithmetic; only the grid of the activation it reads gets up to
-2^16 levels over the same range instead of 256. The level count is the largest 2^b - 1 whose integer sum cannot
+2^16 levels instead of 256, over the same range joined with the value's observed min-max (a u8 grid's mse or
+percentile range clips outliers that a wide grid can afford to hold). The level count is the largest 2^b - 1 whose integer sum cannot
 overflow int32 in any reader: qmax * sum_i |w[c, i]| < 2^29 for every output channel c of every conv/dense
 reading the value. A finer grid scales the int32 bias (float bias / (x_scale * w_scale)) up: channels where it
 would reach 2^30 (near-dead ones) get a larger weight scale. A value whose readers allow fewer than WIDE_MIN_BITS
@@ -11,7 +12,7 @@ bits stays u8. Grid-preserving producers
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +20,8 @@ import numpy as np
 from slimc import ops
 from slimc.ir import Graph, Node
 from slimc.passes.quant.fold import dequantized_weight
-from slimc.passes.quant.scheme import bias_safe_scale, widened_qparams
+from slimc.passes.quant.qdq import Samples, batches
+from slimc.passes.quant.scheme import activation_qparams, bias_safe_scale, widened_qparams
 from slimc.rewrite import Edit
 
 #: ops whose output reuses their input's grid (quantize's PRESERVING_OPS)
@@ -106,9 +108,51 @@ def _bias_safe_weights(g: Graph, e: Edit, n: Node, x_scale: np.ndarray, done: se
     e.replace_node(d.name, e.make_node(d.name, "dequantize", ins, d.attrs, d.source))
 
 
-def widen(g: Graph, names: Collection[str]) -> tuple[Graph, dict[str, int]]:
+def observed_ranges(f: Graph, samples: Samples, batch_size: int) -> dict[str, tuple[float, float]]:
+    """(min, max) of every float value of `f` over the samples: the whole range, which a wide grid can afford where
+    a u8 grid's calibration (mse, percentile, entropy) clips outliers."""
+    import torch
+
+    from slimc import interpreter
+
+    seen: dict[str, tuple[float, float]] = {}
+
+    def hook(node, outs):
+        for o, t in zip(node.outputs, outs):
+            if t.is_floating_point() and t.numel():
+                lo, hi = float(t.min()), float(t.max())
+                old = seen.get(o, (lo, hi))
+                seen[o] = (min(lo, old[0]), max(hi, old[1]))
+
+    with torch.no_grad():
+        for b in batches(f, samples, batch_size):
+            tensors = [torch.as_tensor(np.asarray(a)) for a in b]
+            interpreter.GraphModule(f)(*tensors, hook=hook)
+            for (name, _), t in zip(f.inputs, tensors):
+                old = seen.get(name, (float(t.min()), float(t.max())))
+                seen[name] = (min(float(t.min()), old[0]), max(float(t.max()), old[1]))
+    return seen
+
+
+def _grid(g: Graph, group: list[Pair], qmax: int, ranges: Mapping[str, tuple[float, float]] | None):
+    """uint16 (scale, zero point) of a group: over the u8 grid's range joined with the observed one, if known (a
+    per-channel grid keeps its channels' ranges)."""
+    q0 = group[0].quantize
+    scale, zp = g.weight(q0.inputs[1]), g.weight(q0.inputs[2])
+    seen = [ranges[p.quantize.inputs[0]] for p in group if ranges and p.quantize.inputs[0] in ranges]
+    if np.ndim(scale) or not seen:
+        return widened_qparams(scale, zp, qmax)
+    lo = min([-float(zp) * float(scale)] + [r[0] for r in seen])
+    hi = max([(255 - float(zp)) * float(scale)] + [r[1] for r in seen])
+    s, z = activation_qparams(lo, hi, qmax)
+    return np.asarray(s, np.float32), np.asarray(z, np.uint16)
+
+
+def widen(g: Graph, names: Collection[str],
+          ranges: Mapping[str, tuple[float, float]] | None = None) -> tuple[Graph, dict[str, int]]:
     """`g` (a QDQ graph) with the u8 activation grids the named int8 nodes read widened to uint16, and
-    {widened value: qmax}; a value whose readers cannot take a wide grid (int32 headroom) stays u8."""
+    {widened value: qmax}; a value whose readers cannot take a wide grid (int32 headroom) stays u8. With `ranges`
+    (observed_ranges of the float model) a per-tensor grid also covers the value's whole observed range."""
     pairs: dict[str, list[Pair]] = {}
     for name in names:
         n = g.node(name)
@@ -127,7 +171,7 @@ def widen(g: Graph, names: Collection[str]) -> tuple[Graph, dict[str, int]]:
         qmax = group_qmax(g, group)
         if not qmax:
             continue
-        scale, zp = widened_qparams(g.weight(q0.inputs[1]), g.weight(q0.inputs[2]), qmax)
+        scale, zp = _grid(g, group, qmax, ranges)
         for n in _readers(g, group):
             _bias_safe_weights(g, e, n, scale, weights_done)
         s_name, z_name = e.add_param(f"{q0.inputs[1]}.wide", scale), e.add_param(f"{q0.inputs[2]}.wide", zp)

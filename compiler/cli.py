@@ -292,8 +292,8 @@ def backend_pipeline(passes: str, int8: bool, calib_method: str, max_drop: float
         budget.append(f"metric={metric}")
     if fallback_to != "float":
         if not budget:
-            raise SlimcError(f"--fallback-to {fallback_to} says what the accuracy budget does to sensitive layers; give "
-                             "the budget too (--max-drop or --sqnr-floor)")
+            raise SlimcError(f"--fallback-to {fallback_to} says what the accuracy budget does to sensitive layers; "
+                             "give the budget too (--max-drop or --sqnr-floor)")
         budget.append(f"to={fallback_to}")
     if budget and not int8:
         raise SlimcError("--max-drop, --sqnr-floor and --metric set the accuracy budget of int8 quantization; "

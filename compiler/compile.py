@@ -34,8 +34,8 @@ class CompileResult:
         if q:
             dots = q.get("int8_dot_instructions") or {}
             wide = f" (+{q['int16_mac_share']:.1%} reading int16 activations)" if q.get("int16_mac_share") else ""
-            lines.append(f"int8: {q['int8_mac_share']:.1%} of MACs in int8 kernels{wide}, {q['quantize_ops']} quantize / "
-                         f"{q['dequantize_ops']} dequantize ops left"
+            lines.append(f"int8: {q['int8_mac_share']:.1%} of MACs in int8 kernels{wide}, {q['quantize_ops']} "
+                         f"quantize / {q['dequantize_ops']} dequantize ops left"
                          + (", " + ", ".join(f"{k} x{v}" for k, v in dots.items() if v) if dots else ""))
         ev = m.get("evaluation")
         if ev:

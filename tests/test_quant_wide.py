@@ -79,7 +79,8 @@ def test_widen_keeps_weights_and_narrows_the_error(setup):
 
     def grid_noise(m) -> dict:  # SQNR of each dequantized activation against the float value its quantize read
         seen: dict = {}
-        interpreter.GraphModule(m)(torch.from_numpy(x[:4]), hook=lambda node, outs: seen.update(zip(node.outputs, outs)))
+        interpreter.GraphModule(m)(torch.from_numpy(x[:4]),
+                                   hook=lambda node, outs: seen.update(zip(node.outputs, outs)))
         seen[m.inputs[0][0]] = torch.from_numpy(x[:4])
         return {d.name: sqnr(seen[m.producer(d.inputs[0]).inputs[0]].numpy(), seen[d.name].numpy())
                 for d in m.nodes if d.op == "dequantize" and not m.is_param(d.inputs[0])}

@@ -208,7 +208,7 @@ def _budget(ctx: PassContext) -> Budget:
     max_layers=opt(int, 0, "most nodes to fall back (0: as many as the budget needs)"),
     batch_size=opt(int, 16, "samples per interpreter call"),
     to=opt(str, "float", "float (the node computes in float again) or int16 (it keeps int8 weights and reads "
-                         "uint16 activations: integer kernels, no VNNI/dotprod)"),
+                         "uint16 activations: two vpdpbusd convs with VNNI, generic int32 kernels elsewhere)"),
 )
 def quant_fallback(graph: Graph, ctx: PassContext) -> PassResult:
     """Rank int8 layers by output SQNR when only they are int8; put the worst back in float (or give them wide
@@ -246,7 +246,8 @@ def quant_fallback(graph: Graph, ctx: PassContext) -> PassResult:
     else:
         sens = widening_gains(base, f, nodes, samples.head(sens_n), bs, ranges, ctx.log)
         order = sorted(sens, key=lambda name: -sens[name])
-    stats: dict = {"int8_nodes": len(nodes), "sensitivity_db" if to == "float" else "widening_gain_db": sens, "budget": {
+    ranking = "sensitivity_db" if to == "float" else "widening_gain_db"
+    stats: dict = {"int8_nodes": len(nodes), ranking: sens, "budget": {
         "sqnr_floor": budget.sqnr_floor, "max_drop": budget.max_drop, "metric": budget.metric,
         "reference_metric": ref_metric, "samples": len(samples)}}
     if budget.sqnr_floor is None and budget.max_drop is None:

@@ -2,12 +2,12 @@
 
 A widened layer keeps its int8 weights and integer arithmetic; only the grid of the activation it reads gets up to
 2^16 levels instead of 256, over the same range joined with the value's observed min-max (a u8 grid's mse or
-percentile range clips outliers that a wide grid can afford to hold). The level count is the largest 2^b - 1 whose integer sum cannot
-overflow int32 in any reader: qmax * sum_i |w[c, i]| < 2^29 for every output channel c of every conv/dense
-reading the value. A finer grid scales the int32 bias (float bias / (x_scale * w_scale)) up: channels where it
-would reach 2^30 (near-dead ones) get a larger weight scale. A value whose readers allow fewer than WIDE_MIN_BITS
-bits stays u8. Grid-preserving producers
-(max-pool, flatten, reshape) share the grid, so their input is widened with it and they stay integer.
+percentile range clips outliers that a wide grid can afford to hold). The level count is the largest 2^b - 1
+whose integer sum cannot overflow int32 in any reader: qmax * sum_i |w[c, i]| < 2^29 for every output channel c of
+every conv/dense reading the value. A finer grid scales the int32 bias (float bias / (x_scale * w_scale)) up:
+channels where it would reach 2^30 (near-dead ones) get a larger weight scale. A value whose readers allow fewer
+than WIDE_MIN_BITS bits stays u8. Grid-preserving producers (max-pool, flatten, reshape) share the grid, so their
+input is widened with it and they stay integer.
 """
 
 from __future__ import annotations
@@ -19,13 +19,11 @@ import numpy as np
 
 from slimc import ops
 from slimc.ir import Graph, Node
-from slimc.passes.quant.fold import dequantized_weight
+from slimc.passes.quant.fold import PRESERVING_OPS, dequantized_weight
 from slimc.passes.quant.qdq import Samples, batches
 from slimc.passes.quant.scheme import activation_qparams, bias_safe_scale, widened_qparams
 from slimc.rewrite import Edit
 
-#: ops whose output reuses their input's grid (quantize's PRESERVING_OPS)
-PRESERVING_OPS = ("max_pool2d", "flatten", "reshape")
 #: fewest bits worth a wide grid (u8 has 8)
 WIDE_MIN_BITS = 10
 WIDE_MAX_BITS = 16
@@ -65,6 +63,7 @@ def _group(g: Graph, pair: Pair) -> list[Pair]:
 
 
 def _readers(g: Graph, group: list[Pair]) -> list[Node]:
+    """Every node reading one of the group's dequantized values."""
     return [u for pair in group for d in pair.dequantizes for u in g.users(d.name)]
 
 

@@ -646,7 +646,7 @@ def test_qdq_weights_and_int32_bias_fold_to_constants():
 
 @pytest.mark.parametrize("case,match", [
     ("runtime_scale", r"input 1 \(scale, 's'\) must be known at import time"),
-    ("int16_zero_point", "zero point is int16; the IR quantizes to uint8 and int8 only"),
+    ("int16_zero_point", "zero point is int16; the IR quantizes to uint8, int8, uint16 only"),
     ("blocked", "blocked quantization"),
     ("float16_scale", "scale is float16"),
     ("runtime_int32", "dequantizing a run-time int32 tensor has no IR op")])

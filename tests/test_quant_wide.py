@@ -144,14 +144,21 @@ def test_int16_layers_build_bit_exact(setup):
     from slimc.targets.triple import resolve
 
     _, q, x = setup
-    w, _ = widen(q, [n.name for n in int8_nodes(q)][:3])  # a mixed u8 / u16 graph
+    w, widened = widen(q, [n.name for n in int8_nodes(q)][:3])  # a mixed u8 / u16 graph
     folded, _ = PassManager("fold-qdq").run(w)
     dtypes = {folded.type_of(n.inputs[0]).dtype for n in folded.nodes if n.op == "qconv2d"}
     assert dtypes == {"uint8", "uint16"}
+    far = x[:1] * 50  # far beyond the calibrated ranges: clamped to each grid's top (qmax), never past the bound
+    seen: dict = {}
+    interpreter.GraphModule(w)(torch.from_numpy(far), hook=lambda node, outs: seen.update(zip(node.outputs, outs)))
+    tops = [(int(seen[w.node(d).inputs[0]].int().max()), qmax) for d, qmax in widened.items()]
+    assert all(top <= qmax for top, qmax in tops) and any(top == qmax < 65535 for top, qmax in tops), tops
+    np.testing.assert_allclose(interpreter.run(folded, [far])[0], interpreter.run(w, [far])[0], rtol=1e-3, atol=1e-3)
     for triple in ("native", "x86-avx2"):
         r = build(folded, resolve(triple), trials=0, progress=False)
-        got = relax.VirtualMachine(r.executable, tvm.cpu())["main"](tvm.runtime.tensor(x[:1])).numpy()
-        np.testing.assert_array_equal(got, interpreter.run(folded, [x[:1]])[0])
+        for inp in (x[:1], far):
+            got = relax.VirtualMachine(r.executable, tvm.cpu())["main"](tvm.runtime.tensor(inp)).numpy()
+            np.testing.assert_array_equal(got, interpreter.run(folded, [inp])[0])
 
 
 @pytest.mark.backend

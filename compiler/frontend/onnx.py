@@ -1467,7 +1467,7 @@ def _qdq_constants(imp: _Importer, n: OnnxNode, zp_dtype: str, allowed: Sequence
     if scale.dtype != np.float32:
         raise imp.error(f"its scale is {scale.dtype}; the IR's quantization parameters are float32 scales")
     if str(zp.dtype) not in allowed:
-        raise imp.error(f"its zero point is {zp.dtype}; the IR quantizes to {' and '.join(ops.QUANT_DTYPES)} only")
+        raise imp.error(f"its zero point is {zp.dtype}; the IR quantizes to {', '.join(ops.QUANT_DTYPES)} only")
     axis = _qdq_axis(imp, n, scale)
     if zp.size != scale.size or zp.ndim > 1:  # ORT accepts a [1] scale with a scalar zero point, and vice versa
         raise imp.error(f"zero point of shape {list(zp.shape)} does not match scale of shape {list(scale.shape)}")

@@ -123,14 +123,48 @@ def requantized_by(g: Graph, v: str) -> tuple[list[Node], QParams] | None:
     return users, QParams(users[0].name, s, z, dtypes.pop())
 
 
+#: (lower, upper) bounds of the clamping epilogue activations (None: unbounded)
+CLAMPS = {"none": (None, None), "relu": (0.0, None), "relu6": (0.0, 6.0)}
+
+
+def _clamp(attrs: dict) -> tuple[float | None, float | None] | None:
+    """The bounds of a clamping epilogue activation (none, relu, relu6, clip), else None."""
+    act = attrs.get("act", "none")
+    return (attrs.get("clip_min"), attrs.get("clip_max")) if act == "clip" else CLAMPS.get(act)
+
+
+def _input_top(g: Graph, v: str) -> int:
+    """Largest integer the quantized activation `v` can hold: the top of its dtype, or of the range a clip before
+    its quantize keeps it in (wide grids, passes/quant/wide.py), through grid-preserving ops."""
+    q = g.producer(v)
+    top = ops.QUANT_DTYPES[g.type_of(v).dtype][1]
+    while q is not None and q.op == "quantize" and g.is_param(q.inputs[1]) and g.is_param(q.inputs[2]):
+        p = g.producer(q.inputs[0])
+        if p is not None and p.op == "clip" and p.attrs.get("max") is not None:
+            s, z = np.asarray(g.weight(q.inputs[1]), np.float64), np.asarray(g.weight(q.inputs[2]), np.float64)
+            return int(min(top, np.max(np.round(p.attrs["max"] / s + z))))
+        src = p.inputs[0] if p is not None and p.op in PRESERVING_OPS else None
+        d = g.producer(src) if src is not None else None
+        q = g.producer(d.inputs[0]) if d is not None and d.op == "dequantize" else None
+    return top
+
+
 def _with_activation(g: Graph, n: Node) -> tuple[list[Node], dict]:
-    """Nodes covered by `n` plus a sole following activation with a fused form (and its epilogue attributes)."""
+    """Nodes covered by `n` plus a sole following activation with a fused form (and its epilogue attributes); a
+    clip after a clamping epilogue merges with it (the clip a wide grid's range puts before its quantize)."""
+    own = {k: n.attrs[k] for k in ("act", "clip_min", "clip_max") if k in n.attrs}
+    act = sole_user(g, n.name)
+    epi = epilogue(act) if act is not None else None
+    if epi is None:
+        return [n], own
     if n.attrs.get("act", "none") == "none":
-        act = sole_user(g, n.name)
-        epi = epilogue(act) if act is not None else None
-        if epi is not None:
-            return [n, act], epi
-    return [n], {k: n.attrs[k] for k in ("act", "clip_min", "clip_max") if k in n.attrs}
+        return [n, act], epi
+    inner, outer = _clamp(own), _clamp(epi)
+    if inner is None or outer is None:
+        return [n], own
+    lo = max((b for b in (inner[0], outer[0]) if b is not None), default=None)
+    hi = min((b for b in (inner[1], outer[1]) if b is not None), default=None)
+    return [n, act], {"act": "clip", "clip_min": lo, "clip_max": hi}
 
 
 #: activations with act(v / s) = act'(v) / s for a rescaled act' (piecewise linear through 0)
@@ -224,6 +258,9 @@ class _Folder:
         bias_i = np.round(bias / deq).astype(np.int64) - correction
         if np.abs(bias_i).max(initial=0) >= 2 ** 31:
             return  # a bias beyond int32 (tiny scales): leave this layer in float
+        sums = np.abs(wq.reshape(wq.shape[0], -1).astype(np.int64)).sum(axis=1)
+        if np.max(_input_top(g, x_value) * sums + np.abs(bias_i), initial=0) >= 2 ** 31:
+            return  # a 16-bit input whose int32 sum could overflow (not a grid quant-fallback{to=int16} made)
         covered, act = _with_activation(g, n)
         b_name = self.e.add_param(f"{n.name}.bias_int32", bias_i.astype(np.int32))
         attrs = {"x_zero_point": x_zero_point, **act}

@@ -76,12 +76,15 @@ def _abs_sums(g: Graph, n: Node) -> np.ndarray | None:
 
 
 def group_qmax(g: Graph, group: list[Pair]) -> int:
-    """Most levels - 1 (2^b - 1, b <= WIDE_MAX_BITS) the readers' int32 sums allow; 0 below WIDE_MIN_BITS."""
-    limit = 2 ** WIDE_MAX_BITS - 1
+    """Most levels - 1 (2^b - 1, b <= WIDE_MAX_BITS) the readers' int32 sums allow; 0 below WIDE_MIN_BITS (and for a
+    per-channel grid unless all 16 bits are safe)."""
+    top = limit = 2 ** WIDE_MAX_BITS - 1
     for n in _readers(g, group):
         sums = _abs_sums(g, n)
         if sums is not None and sums.max(initial=0) > 0:
             limit = min(limit, (SUM_LIMIT - 1) // int(sums.max()))
+    if np.ndim(g.weight(group[0].quantize.inputs[1])) and limit < top:
+        return 0  # per channel the range clip cannot stop a channel at its qmax (_range_clip)
     bits = int(np.floor(np.log2(limit + 1)))
     return 2 ** bits - 1 if bits >= WIDE_MIN_BITS else 0
 
@@ -105,6 +108,15 @@ def _bias_safe_weights(g: Graph, e: Edit, n: Node, x_scale: np.ndarray, done: se
     d = g.producer(n.inputs[1])
     ins = (e.add_param(f"{wname}.wide", q.astype(np.int8)), e.add_param(f"{d.inputs[1]}.wide", scale), d.inputs[2])
     e.replace_node(d.name, e.make_node(d.name, "dequantize", ins, d.attrs, d.source))
+
+
+def _range_clip(e: Edit, q: Node, scale: np.ndarray, zp: np.ndarray, qmax: int) -> Node:
+    """clip(x) to the grid's range before quantize `q`: uint16 saturates at 65535, not at qmax, and a value beyond
+    qmax would break the readers' int32 bound. A per-channel grid gets its channels' loosest bounds, so a channel
+    may still reach 65535: group_qmax admits such grids only where even 65535 keeps the bound."""
+    s, z = np.asarray(scale, np.float64), np.asarray(zp, np.float64)
+    lo, hi = float((-z * s).min()), float(((qmax - z) * s).max())
+    return e.make_node(e.fresh_name(f"{q.inputs[0]}.clip"), "clip", (q.inputs[0],), {"min": lo, "max": hi}, q.source)
 
 
 def observed_ranges(f: Graph, samples: Samples, batch_size: int) -> dict[str, tuple[float, float]]:
@@ -181,7 +193,12 @@ def widen(g: Graph, names: Collection[str],
             q = pair.quantize
             t = [g.type_of(q.inputs[0]), e.type_of(s_name), e.type_of(z_name)]
             nq = ops.make_node(q.name, "quantize", (q.inputs[0], s_name, z_name), t, q.attrs, q.source)
-            e.replace_node(q.name, nq)
+            if pair is group[-1]:  # the float value entering the grid: clamped to it, so q <= qmax (see _range_clip)
+                clip = _range_clip(e, q, scale, zp, qmax)
+                nq = nq.replace(inputs=(clip.name, *nq.inputs[1:]))
+                e.replace_node(q.name, clip, nq)
+            else:
+                e.replace_node(q.name, nq)
             for d in pair.dequantizes:
                 e.replace_node(d.name, ops.make_node(d.name, "dequantize", (q.name, s_name, z_name),
                                                      [nq.out_type, t[1], t[2]], d.attrs, d.source))

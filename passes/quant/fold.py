@@ -134,10 +134,10 @@ def _clamp(attrs: dict) -> tuple[float | None, float | None] | None:
 
 
 def _input_top(g: Graph, v: str) -> int:
-    """Largest integer the quantized activation `v` can hold: the top of its dtype, or of the range a clip before
+    """Largest magnitude the quantized activation `v` can hold: its dtype's, or the top of the range a clip before
     its quantize keeps it in (wide grids, passes/quant/wide.py), through grid-preserving ops."""
     q = g.producer(v)
-    top = ops.QUANT_DTYPES[g.type_of(v).dtype][1]
+    top = max(abs(b) for b in ops.QUANT_DTYPES[g.type_of(v).dtype])
     while q is not None and q.op == "quantize" and g.is_param(q.inputs[1]) and g.is_param(q.inputs[2]):
         p = g.producer(q.inputs[0])
         if p is not None and p.op == "clip" and p.attrs.get("max") is not None:

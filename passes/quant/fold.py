@@ -133,6 +133,11 @@ def _clamp(attrs: dict) -> tuple[float | None, float | None] | None:
     return (attrs.get("clip_min"), attrs.get("clip_max")) if act == "clip" else CLAMPS.get(act)
 
 
+def abs_weight_sums(wq: np.ndarray) -> np.ndarray:
+    """sum_i |w[c, i]| per output channel of an integer weight: the int32 headroom an input value's magnitude uses."""
+    return np.abs(wq.reshape(wq.shape[0], -1).astype(np.int64)).sum(axis=1)
+
+
 def _input_top(g: Graph, v: str) -> int:
     """Largest magnitude the quantized activation `v` can hold: its dtype's, or the top of the range a clip before
     its quantize keeps it in (wide grids, passes/quant/wide.py), through grid-preserving ops."""
@@ -258,8 +263,7 @@ class _Folder:
         bias_i = np.round(bias / deq).astype(np.int64) - correction
         if np.abs(bias_i).max(initial=0) >= 2 ** 31:
             return  # a bias beyond int32 (tiny scales): leave this layer in float
-        sums = np.abs(wq.reshape(wq.shape[0], -1).astype(np.int64)).sum(axis=1)
-        if np.max(_input_top(g, x_value) * sums + np.abs(bias_i), initial=0) >= 2 ** 31:
+        if np.max(_input_top(g, x_value) * abs_weight_sums(wq) + np.abs(bias_i), initial=0) >= 2 ** 31:
             return  # a 16-bit input whose int32 sum could overflow (not a grid quant-fallback{to=int16} made)
         covered, act = _with_activation(g, n)
         b_name = self.e.add_param(f"{n.name}.bias_int32", bias_i.astype(np.int32))

@@ -47,7 +47,7 @@ def exact_product_scale(scale: float, bits: int = SCALE_BITS) -> np.float32:
 
 def activation_qparams(lo: float, hi: float, qmax: int = 255) -> tuple[np.float32, np.unsignedinteger]:
     """Asymmetric (scale, zero point) whose grid [0, qmax] holds the range widened to contain 0 (0 is exact); the
-    zero point is uint8 up to qmax 255, else uint16 (wide grids, `wide_qmax`)."""
+    zero point is uint8 up to qmax 255, else uint16 (wide grids, passes/quant/wide.py)."""
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     if not np.isfinite(lo) or not np.isfinite(hi):
         raise ValueError(f"calibrated range [{lo}, {hi}] is not finite")

@@ -19,8 +19,8 @@ import numpy as np
 
 from slimc import ops
 from slimc.ir import Graph, Node
-from slimc.passes.quant.fold import PRESERVING_OPS, dequantized_weight
-from slimc.passes.quant.qdq import Samples, batches
+from slimc.passes.quant.fold import PRESERVING_OPS, abs_weight_sums, dequantized_weight
+from slimc.passes.quant.qdq import Samples, fixed_batch
 from slimc.passes.quant.scheme import activation_qparams, bias_safe_scale, widened_qparams
 from slimc.rewrite import Edit
 
@@ -72,7 +72,7 @@ def _abs_sums(g: Graph, n: Node) -> np.ndarray | None:
     if n.op not in ("conv2d", "dense"):
         return None
     w = dequantized_weight(g, n.inputs[1])
-    return None if w is None else np.abs(w[1].reshape(w[1].shape[0], -1).astype(np.int64)).sum(axis=1)
+    return None if w is None else abs_weight_sums(w[1])
 
 
 def group_qmax(g: Graph, group: list[Pair]) -> int:
@@ -120,29 +120,15 @@ def _range_clip(e: Edit, q: Node, scale: np.ndarray, zp: np.ndarray, qmax: int) 
 
 
 def observed_ranges(f: Graph, samples: Samples, batch_size: int) -> dict[str, tuple[float, float]]:
-    """(min, max) of every float value of `f` over the samples: the whole range, which a wide grid can afford where
-    a u8 grid's calibration (mse, percentile, entropy) clips outliers."""
-    import torch
+    """Min-max range (calibrate's MinMaxObserver) of every float value of `f` over the samples: the whole range,
+    which a wide grid can afford where a u8 grid's calibration (mse, percentile, entropy) clips outliers."""
+    from slimc.data import from_arrays
+    from slimc.passes.quant.calibrate import observed_values, run_observers
+    from slimc.passes.quant.observers import MinMaxObserver
 
-    from slimc import interpreter
-
-    seen: dict[str, tuple[float, float]] = {}
-
-    def hook(node, outs):
-        for o, t in zip(node.outputs, outs):
-            if t.is_floating_point() and t.numel():
-                lo, hi = float(t.min()), float(t.max())
-                old = seen.get(o, (lo, hi))
-                seen[o] = (min(lo, old[0]), max(hi, old[1]))
-
-    with torch.no_grad():
-        for b in batches(f, samples, batch_size):
-            tensors = [torch.as_tensor(np.asarray(a)) for a in b]
-            interpreter.GraphModule(f)(*tensors, hook=hook)
-            for (name, _), t in zip(f.inputs, tensors):
-                old = seen.get(name, (float(t.min()), float(t.max())))
-                seen[name] = (min(float(t.min()), old[0]), max(float(t.max()), old[1]))
-    return seen
+    observers = {v: MinMaxObserver() for v in observed_values(f)}
+    run_observers(f, from_arrays(samples.arrays), observers, fixed_batch(f) or batch_size, len(samples))
+    return {v: o.range() for v, o in observers.items()}
 
 
 def _grid(g: Graph, group: list[Pair], qmax: int, ranges: Mapping[str, tuple[float, float]] | None):
@@ -169,8 +155,8 @@ def widen(g: Graph, names: Collection[str],
         n = g.node(name)
         for v in n.inputs[:1] if n.op in ("conv2d", "dense") else n.inputs:
             pair = _pair(g, v)
-            if pair is not None:
-                pairs.setdefault(pair.quantize.name, _group(g, pair))
+            if pair is not None and pair.quantize.name not in pairs:
+                pairs[pair.quantize.name] = _group(g, pair)
     e = Edit(g)
     weights_done: set[str] = set()
     done: set[str] = set()

@@ -27,6 +27,7 @@ from slimc.ir import Graph
 from slimc.pass_manager import PassContext, PassResult, opt, register_pass
 from slimc.passes.quant.channel_grid import channel_values
 from slimc.passes.quant.observers import METHODS, ChannelObserver, Observer, make_channel_observer, make_observer
+from slimc.passes.quant.qdq import fixed_batch
 
 #: bump when an observer's algorithm changes, so that cached ranges computed the old way are not reused
 CACHE_FORMAT = 2
@@ -137,13 +138,6 @@ def _write_cache(path: str, doc: Mapping[str, Any], log) -> None:
             "writable directory to reuse ranges across runs")
 
 
-def _fixed_batch(g: Graph) -> int | None:
-    """The batch size the graph's inputs fix (a static leading dim), or None if it is symbolic."""
-    dims = {t.shape[0] for _, t in g.inputs if t.rank}
-    fixed = [d for d in dims if isinstance(d, int)]
-    return fixed[0] if len(fixed) == 1 and len(dims) == 1 else None
-
-
 def _chunks(data: Any, size: int, limit: int) -> Iterator[tuple[np.ndarray, ...]]:
     """The first `limit` samples in batches of exactly `size` (the last may be smaller), however the source batches."""
     pending: list[tuple[np.ndarray, ...]] = []
@@ -241,7 +235,7 @@ def calibrate(graph: Graph, ctx: PassContext) -> PassResult:
     method_options = _method_options({"method": method, "percentile": o.get("percentile", 99.99),
                                       "momentum": o.get("momentum", 0.01)})
 
-    fixed = _fixed_batch(graph)
+    fixed = fixed_batch(graph)
     run_bs = fixed or batch_size
     available = len(data)
     samples = min(available, batches * batch_size) if batches else available

@@ -144,32 +144,36 @@ def mac_share(g: Graph, nodes: Collection[str]) -> float:
     return part / total if total else 0.0
 
 
-def sensitivities(q: Graph, f: Graph, nodes: Sequence[Node], samples: Samples, batch_size: int,
-                  log=lambda msg: None) -> dict[str, float]:
-    """Output SQNR (dB) vs `f` with only one int8 node of `q` kept in int8, for each node."""
-    ref = run_outputs(f, samples, batch_size)
-    names = [n.name for n in nodes]
+def _per_node_sqnr(ref: list[np.ndarray], names: Sequence[str], variant: Callable[[str], Graph], samples: Samples,
+                   batch_size: int, what: str, log) -> dict[str, float]:
+    """Output SQNR (dB) vs the outputs `ref` of `variant(name)` for each node name, with progress as `what`."""
     out: dict[str, float] = {}
     for i, name in enumerate(names):
-        only = float_fallback(q, f, [m for m in names if m != name])
-        out[name] = round(sqnr_db(run_outputs(only, samples, batch_size), ref), 2)
+        out[name] = sqnr_db(run_outputs(variant(name), samples, batch_size), ref)
         if (i + 1) % 10 == 0 or i + 1 == len(names):
-            log(f"{WHO}: sensitivity {i + 1}/{len(names)}")
+            log(f"{WHO}: {what} {i + 1}/{len(names)}")
     return out
 
 
+def sensitivities(q: Graph, f: Graph, nodes: Sequence[Node], samples: Samples, batch_size: int,
+                  log=lambda msg: None) -> dict[str, float]:
+    """Output SQNR (dB) vs `f` with only one int8 node of `q` kept in int8, for each node."""
+    names = [n.name for n in nodes]
+    sqnr = _per_node_sqnr(run_outputs(f, samples, batch_size), names,
+                          lambda name: float_fallback(q, f, [m for m in names if m != name]), samples, batch_size,
+                          "sensitivity", log)
+    return {name: round(db, 2) for name, db in sqnr.items()}
+
+
 def widening_gains(q: Graph, f: Graph, nodes: Sequence[Node], samples: Samples, batch_size: int,
-                    ranges: dict[str, tuple[float, float]] | None, log=lambda msg: None) -> dict[str, float]:
+                   ranges: dict[str, tuple[float, float]] | None, log=lambda msg: None) -> dict[str, float]:
     """Output SQNR gain (dB, vs `f`) of widening only one int8 node's activation grids in `q`, for each node: what
     falling back to int16 buys there (a node whose error is its weights' gains nothing)."""
     ref = run_outputs(f, samples, batch_size)
     before = sqnr_db(run_outputs(q, samples, batch_size), ref)
-    out: dict[str, float] = {}
-    for i, n in enumerate(nodes):
-        out[n.name] = round(sqnr_db(run_outputs(widen(q, [n.name], ranges)[0], samples, batch_size), ref) - before, 3)
-        if (i + 1) % 10 == 0 or i + 1 == len(nodes):
-            log(f"{WHO}: widening gain {i + 1}/{len(nodes)}")
-    return out
+    sqnr = _per_node_sqnr(ref, [n.name for n in nodes], lambda name: widen(q, [name], ranges)[0], samples, batch_size,
+                          "widening gain", log)
+    return {name: round(db - before, 3) for name, db in sqnr.items()}
 
 
 def _before_bias_correction(graph: Graph, f: Graph, ctx: PassContext) -> tuple[Graph, Callable[[Graph], Graph] | None]:

@@ -146,6 +146,8 @@ SLIMC_PIPELINES = {
                                              "quant-fallback{max_drop=0.02,to=int16}",
     "slimc int8 mse+GPTQ+BC+int16 fallback 1%": "calibrate{method=mse},quantize,round-weights,bias-correct,"
                                                 "quant-fallback{max_drop=0.01,to=int16}",
+    "slimc int8 mse+GPTQ+BC+int16+float fallback": "calibrate{method=mse},quantize,round-weights,bias-correct,"
+                                                   "quant-fallback{max_drop=0.02,to=int16+float}",
     "slimc int8 mse+GPTQ+BC+fallback 1%": "calibrate{method=mse},quantize,round-weights,bias-correct,"
                                           "quant-fallback{max_drop=0.01}",
 }
@@ -176,7 +178,7 @@ def _slimc_int8(passes: str) -> Method:
                 **{k: steps["fold-qdq"][k] for k in ("int8_mac_share", "int16_mac_share")}}
         if "quant-fallback" in steps:
             fb = steps["quant-fallback"]
-            info["fallback"] = {k: fb[k] for k in ("fallback", "to", "met", "before", "after", "budget", "tried")
+            info["fallback"] = {k: fb[k] for k in ("fallback", "float", "to", "met", "before", "after", "budget", "tried")
                                 if k in fb}
         return MethodOutput(interpreter_logits(graph, case.evaluation), info)
     run.__doc__ = f"slimc int8 (u8 act, per-channel s8 weights): {passes}, fold-qdq, run by slimc.interpreter."

@@ -105,9 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", metavar="MODULE:FN",
                    help="with --max-drop: judge the drop by fn(logits, labels) -> float (higher is better) on labelled "
                         "--data instead of top-1 agreement")
-    p.add_argument("--fallback-to", choices=("float", "int16"), default="float",
-                   help="what --max-drop/--sqnr-floor do to a sensitive layer: put it back in float (default), or keep "
-                        "its int8 weights and integer kernel and give the activations it reads a 16-bit grid")
+    p.add_argument("--fallback-to", choices=("float", "int16", "int16+float"), default="float",
+                   help="what --max-drop/--sqnr-floor do to a sensitive layer: put it back in float (default); keep "
+                        "its int8 weights and integer kernel and give the activations it reads a 16-bit grid "
+                        "(int16); or int16 first and float for the layers whose int8 weights still miss the budget "
+                        "(int16+float)")
     _add_data_args(p)
     p.set_defaults(func=cmd_compile)
 

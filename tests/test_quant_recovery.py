@@ -147,6 +147,9 @@ def test_compile_flags_build_the_int8_pipeline():
     PassManager(backend_pipeline(base, True, "mse", 0.01, None, "pkg.mod:acc"))  # parses
     assert backend_pipeline(base, True, "mse", max_drop=0.02, fallback_to="int16") == (
         f"{int8},quant-fallback{{max_drop=0.02,to=int16}},fold-qdq")
+    ladder = backend_pipeline(base, True, "mse", sqnr_floor=30.0, fallback_to="int16+float")
+    assert ladder == f"{int8},quant-fallback{{sqnr_floor=30.0,to=int16+float}},fold-qdq"
+    PassManager(ladder)  # parses: '+' is fine inside an option value
     with pytest.raises(SlimcError, match="give the budget too"):
         backend_pipeline(base, True, "mse", fallback_to="int16")
     for kwargs, needle in [({"max_drop": 1.5}, "outside [0, 1]"), ({"sqnr_floor": -3.0}, "positive"),

@@ -114,11 +114,37 @@ def test_int16_fallback_meets_the_floor_and_folds_to_integer_ops(setup):
     assert sqnr(outs(g), outs(out)) >= floor - 0.1  # folded: the same arithmetic
 
 
+def test_int16_then_float_ladder_floats_the_weight_limited_layers(setup):
+    g, q, x = setup
+    ctx = lambda: PassContext(calib=data.from_arrays([x]))  # noqa: E731
+
+    def outs(m):  # the graph has a static batch of 1
+        return np.concatenate([interpreter.run(m, [x[i:i + 1]])[0] for i in range(4)])
+
+    all_wide = widen(q, [n.name for n in int8_nodes(q)])[0]  # what int16 alone can reach: int8 weights cap it
+    floor = round(sqnr(outs(g), outs(all_wide)) + 3, 1)
+    pipeline = f"{CALIB},quant-fallback{{sqnr_floor={floor},to=int16+float,samples=4,sensitivity_samples=4}},fold-qdq"
+    out, records = PassManager(pipeline, context=ctx()).run(g)
+    fb, fold = records[-2].pass_stats, records[-1].pass_stats
+    names = [n.name for n in int8_nodes(q)]
+    assert fb["met"] and fb["to"] == "int16+float" and sorted(fb["fallback"]) == sorted(names)
+    gains = fb["float_gain_db"]  # ranked on the all-widened model: the layer whose float weights gain most first
+    assert set(gains) == set(names) and fb["float"] and fb["float"][0] == max(gains, key=gains.get)
+    tried = {(t["nodes"], t["in_float"]): t for t in fb["tried"]}
+    assert not tried[(len(names), 0)]["output_sqnr_db"] >= floor  # every node widened was tried first and missed
+    assert (len(names), len(fb["float"])) in tried and fb["after"]["output_sqnr_db"] >= floor
+    assert fb["int16_mac_share"] > 0 and fb["int8_mac_share"] == 0  # what stays integer reads 16-bit activations
+    assert fold["int16_mac_share"] == fb["int16_mac_share"] and fold["int8_mac_share"] == 0
+    floated = {n.name for n in out.nodes if n.op in ("conv2d", "dense", "add")}
+    assert floated == set(fb["float"])  # exactly the float steps left integer arithmetic
+    assert sqnr(outs(g), outs(out)) >= floor - 0.1  # folded: the same arithmetic
+
+
 def test_fallback_rejects_an_unknown_target(setup):
     from slimc.errors import PipelineError
 
     g, q, x = setup
-    with pytest.raises(PipelineError, match="to='int4' is neither float"):
+    with pytest.raises(PipelineError, match="to='int4' is none of float"):
         PassManager("quant-fallback{sqnr_floor=40,to=int4}", context=PassContext(
             calib=data.from_arrays([x]), inputs_of={"quantize": PassInput(g)})).run(q)
 

@@ -6,6 +6,9 @@ that node's activation grids in the int8 model. Falling back to float (`to=float
 reads float operands and the float model's weights and bias again; QDQ pairs that no int8 node reads any more go
 away. Falling back to int16 (`to=int16`) keeps the node's int8 weights and integer arithmetic but widens the grids
 of the activations it reads to uint16 (`wide`: up to 2^16 levels, as many as its int32 sums allow).
+`to=int16+float` is a ladder: nodes are widened first; if widening every node still misses the budget (the error
+is in the int8 weights), nodes of the all-widened model go back to float, ranked by the SQNR gain of putting each
+alone in float there.
 The budget is an output-SQNR floor and/or a largest drop of a metric measured against the model before the
 pipeline: top-1 agreement with it by default, or a user's `module:callable(logits, labels) -> float` (higher is
 better) on labelled data. The worst nodes fall back first; the smallest such prefix that meets the budget is found
@@ -37,7 +40,8 @@ from slimc.rewrite import Edit, eliminate_dead_code
 
 WHO = "quant-fallback"
 #: what `to=` does to a node, as the log says it
-FALLBACKS = {"float": "in float", "int16": "with int16 activations"}
+FALLBACKS = {"float": "in float", "int16": "with int16 activations",
+             "int16+float": "with int16 activations, then in float"}
 #: ops whose output reuses their input's grid (quantize's PRESERVING_OPS): their input stays quantized if they do
 PRESERVING_OPS = ("max_pool2d", "flatten", "reshape")
 
@@ -176,6 +180,37 @@ def widening_gains(q: Graph, f: Graph, nodes: Sequence[Node], samples: Samples, 
     return {name: round(db - before, 3) for name, db in sqnr.items()}
 
 
+def float_gains(q: Graph, f: Graph, nodes: Sequence[Node], samples: Samples, batch_size: int,
+                log=lambda msg: None) -> dict[str, float]:
+    """Output SQNR gain (dB, vs `f`) of putting only one int8 node of `q` back in float, for each node: where the
+    int8 error that wider activation grids cannot remove (its weights') is."""
+    ref = run_outputs(f, samples, batch_size)
+    before = sqnr_db(run_outputs(q, samples, batch_size), ref)
+    sqnr = _per_node_sqnr(ref, [n.name for n in nodes], lambda name: float_fallback(q, f, [name]), samples,
+                          batch_size, "float gain", log)
+    return {name: round(db - before, 3) for name, db in sqnr.items()}
+
+
+def _smallest_prefix(attempt: Callable[[int], bool], lo: int, cap: int) -> int | None:
+    """A small k in (lo, cap] with attempt(k) true, `lo` known to miss: lo + 1, 2, 4, ... until one meets, then
+    bisection (None: even `cap` misses)."""
+    base, step = lo, 1
+    k = min(base + step, cap)
+    while k < cap and not attempt(k):
+        lo, step = k, 2 * step
+        k = min(base + step, cap)
+    if k <= lo or not attempt(k):
+        return None
+    hi = k
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if attempt(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
 def _before_bias_correction(graph: Graph, f: Graph, ctx: PassContext) -> tuple[Graph, Callable[[Graph], Graph] | None]:
     """The QDQ graph before bias-correct and a function redoing that correction on a candidate, if bias-correct ran
     on this graph; else (graph, None). A correction measured with a layer in int8 is wrong once it is float again."""
@@ -209,10 +244,12 @@ def _budget(ctx: PassContext) -> Budget:
     metric=opt(str, "agreement", "agreement (top-1 with the float model) or package.module:callable(logits, labels)"),
     samples=opt(int, 0, "samples (of --data, else --calib) the budget is checked on (0: all)"),
     sensitivity_samples=opt(int, 16, "samples per sensitivity run (one run per int8 node)"),
-    max_layers=opt(int, 0, "most nodes to fall back (0: as many as the budget needs)"),
+    max_layers=opt(int, 0, "most nodes to fall back; with int16+float, most to put in float (0: as many as the "
+                           "budget needs)"),
     batch_size=opt(int, 16, "samples per interpreter call"),
-    to=opt(str, "float", "float (the node computes in float again) or int16 (it keeps int8 weights and reads "
-                         "uint16 activations: two vpdpbusd convs with VNNI, generic int32 kernels elsewhere)"),
+    to=opt(str, "float", "float (the node computes in float again), int16 (it keeps int8 weights and reads "
+                         "uint16 activations: two vpdpbusd convs with VNNI, generic int32 kernels elsewhere) or "
+                         "int16+float (int16 first; if all int16 misses, nodes go on to float)"),
 )
 def quant_fallback(graph: Graph, ctx: PassContext) -> PassResult:
     """Rank int8 layers by output SQNR when only they are int8; put the worst back in float (or give them wide
@@ -221,8 +258,9 @@ def quant_fallback(graph: Graph, ctx: PassContext) -> PassResult:
     budget = _budget(ctx)
     to = o.get("to", "float")
     if to not in FALLBACKS:
-        raise PipelineError(f"{WHO}: to={to!r} is neither float (layers compute in float again) nor int16 (layers "
-                            "keep int8 weights and read 16-bit activations)")
+        raise PipelineError(f"{WHO}: to={to!r} is none of float (layers compute in float again), int16 (layers "
+                            "keep int8 weights and read 16-bit activations) and int16+float (int16 first, then "
+                            "float where int16 is not enough)")
     limit, sens_n, max_layers, bs = o.get("samples", 0), o.get("sensitivity_samples", 16), o.get("max_layers", 0), \
         o.get("batch_size", 16)
     if limit < 0 or sens_n < 1 or max_layers < 0 or bs < 1:
@@ -244,57 +282,71 @@ def quant_fallback(graph: Graph, ctx: PassContext) -> PassResult:
     base, redo = _before_bias_correction(graph, f, ctx)
     calib = ctx.calibration_data if ctx.calibration_data is not None else data
     ranges = None if to == "float" else observed_ranges(f, load_samples(calib, 0, WHO), bs)
+    head = samples.head(sens_n)
     if to == "float":
-        sens = sensitivities(base, f, nodes, samples.head(sens_n), bs, ctx.log)
+        sens = sensitivities(base, f, nodes, head, bs, ctx.log)
         order = sorted(sens, key=lambda name: sens[name])
     else:
-        sens = widening_gains(base, f, nodes, samples.head(sens_n), bs, ranges, ctx.log)
+        sens = widening_gains(base, f, nodes, head, bs, ranges, ctx.log)
         order = sorted(sens, key=lambda name: -sens[name])
-    ranking = "sensitivity_db" if to == "float" else "widening_gain_db"
-    stats: dict = {"int8_nodes": len(nodes), ranking: sens, "budget": {
-        "sqnr_floor": budget.sqnr_floor, "max_drop": budget.max_drop, "metric": budget.metric,
-        "reference_metric": ref_metric, "samples": len(samples)}}
+    stats: dict = {"int8_nodes": len(nodes), "sensitivity_db" if to == "float" else "widening_gain_db": sens,
+                   "budget": {"sqnr_floor": budget.sqnr_floor, "max_drop": budget.max_drop, "metric": budget.metric,
+                              "reference_metric": ref_metric, "samples": len(samples)}}
     if budget.sqnr_floor is None and budget.max_drop is None:
         return PassResult(graph, False, {**stats, "fallback": [], "to": to, "met": None})
+
+    widened = len(order) if to != "float" else 0  # prefix steps past this one put nodes in float (int16+float)
+    floats: list[str] = []
+
+    def candidate(k: int) -> Graph:
+        if to == "float":
+            return float_fallback(base, f, order[:k])
+        g = widen(base, order[:min(k, widened)], ranges)[0]
+        return float_fallback(g, f, floats[:k - widened]) if k > widened else g
+
+    def describe(k: int) -> str:
+        if to == "float" or k <= widened:
+            return f"{k} node(s) {FALLBACKS[to.partition('+')[0]]}"
+        return f"{widened} node(s) with int16 activations, {k - widened} of them in float"
 
     tried: dict[int, tuple[bool, dict, Graph]] = {}
 
     def attempt(k: int) -> bool:
         if k not in tried:
-            g = graph if k == 0 else (float_fallback(base, f, order[:k]) if to == "float" else
-                                      widen(base, order[:k], ranges)[0])
+            g = graph if k == 0 else candidate(k)
             g = redo(g) if k and redo is not None else g
             ok, figures = budget.check(run_outputs(g, samples, bs), ref, samples, ref_metric, metric)
             tried[k] = (ok, figures, g)
-            ctx.log(f"{WHO}: {k} node(s) {FALLBACKS[to]}: {figures} -> {'meets' if ok else 'misses'} the budget")
+            ctx.log(f"{WHO}: {describe(k)}: {figures} -> {'meets' if ok else 'misses'} the budget")
         return tried[k][0]
 
     cap = min(max_layers or len(order), len(order))
-    lo, hi = 0, None  # lo: largest k known to miss; hi: smallest k known to meet
     if attempt(0):
-        hi = 0
-    else:
-        k = 1
-        while k < cap and not attempt(k):
-            lo, k = k, min(2 * k, cap)
-        if attempt(k):
-            hi = k
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if attempt(mid):
-                    hi = mid
-                else:
-                    lo = mid
-    k = hi if hi is not None else cap
+        k: int | None = 0
+    elif to != "int16+float" or attempt(widened):
+        k = _smallest_prefix(attempt, 0, cap if to != "int16+float" else widened)
+    else:  # widening everything is not enough: float steps on the all-widened model
+        gains = float_gains(candidate(widened), f, nodes, head, bs, ctx.log)
+        floats = sorted(gains, key=lambda name: -gains[name])
+        stats["float_gain_db"] = gains
+        cap = widened + min(max_layers or len(floats), len(floats))
+        k = _smallest_prefix(attempt, widened, cap)
+    k = cap if k is None else k
     ok, figures, out = tried[k]
+
+    def steps(j: int) -> dict:
+        return {"nodes": j} if to != "int16+float" else {"nodes": min(j, widened), "in_float": max(j - widened, 0)}
 
     def shares(j: int) -> dict:
         return {f"{bits}_mac_share": round(mac_share(f, grid_nodes(tried[j][2], dtype)), 4)
                 for bits, dtype in (("int8", "uint8"), ("int16", "uint16"))}
 
-    stats.update({"fallback": order[:k], "to": to, "met": ok, "before": tried[0][1], "after": figures, **shares(k),
-                  "tried": [{"nodes": j, **tried[j][1], **shares(j)} for j in sorted(tried)]})
+    stats.update({"fallback": order[:min(k, widened) if to != "float" else k], "to": to, "met": ok,
+                  "before": tried[0][1], "after": figures, **shares(k),
+                  "tried": [{**steps(j), **tried[j][1], **shares(j)} for j in sorted(tried)]})
+    if to == "int16+float":
+        stats["float"] = floats[:max(k - widened, 0)]
     if not ok:
-        ctx.log(f"warning: {WHO}: the budget is not met with {k} node(s) {FALLBACKS[to]} ({figures}); raise "
+        ctx.log(f"warning: {WHO}: the budget is not met with {describe(k)} ({figures}); raise "
                 "max_layers or relax sqnr_floor / max_drop")
     return PassResult(out, k > 0, stats)

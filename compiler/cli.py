@@ -205,6 +205,11 @@ def _load_data(args: argparse.Namespace, graph):
     return (data if data is not None else calib), calib
 
 
+def _progress(msg: str) -> None:
+    """Passes' progress and notes (calibration batches, fallback attempts) go to stderr as they happen."""
+    print(msg, file=sys.stderr, flush=True)
+
+
 def _run_pipeline(args: argparse.Namespace, check: bool, target=None, **instrument_kw):
     from slimc.pass_manager import Instruments, PassContext, PassManager
 
@@ -216,7 +221,7 @@ def _run_pipeline(args: argparse.Namespace, check: bool, target=None, **instrume
     if check:
         reference = (sample, loaded.oracle(sample))
     pm = PassManager(pm.specs, Instruments(reference=reference, **instrument_kw),
-                     PassContext(sample_inputs=sample, target=target, data=data, calib=calib))
+                     PassContext(sample_inputs=sample, target=target, data=data, calib=calib, log=_progress))
     graph, records = pm.run(loaded.graph)
     return loaded, pm, graph, records, sample
 

@@ -2,12 +2,14 @@
 
 A conv output tile of `reg_w` columns x `oc_tiles` channel vectors stays in vector registers while the
 reduction over (input channels, kh, kw) runs: one weight vector load and one input broadcast per FMA row. The
-fused epilogue (bias, residual add, activation) is computed on that tile. Functions these templates cannot
-handle are left unscheduled for MetaSchedule.
+fused epilogue (bias, residual add, activation) is computed on that tile. Elementwise and injective functions
+(pads, layout transforms, requantize) get parallel outer loops and a vectorized inner one. What no template fits
+(reductions such as pooling and dense) is left for MetaSchedule.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 CONV_BLOCK = "conv2d_NCHWc"
@@ -188,6 +190,63 @@ def _vectorize_tile(sch, block, reduce_from, vector_loop, tile_loops: list, rows
         sch.unroll(loop)
 
 
+#: elements below which an elementwise kernel runs on one thread (a parallel launch costs more than it saves)
+PARALLEL_MIN_ELEMENTS = 1 << 14
+#: parallel iterations to aim for (a few per core, for balance); leading loops are fused until there are this many
+PARALLEL_MIN_CHUNKS = 64
+#: most lanes of one vectorized innermost loop
+VECTOR_MAX_LANES = 64
+
+
+def _is_spatial(sch, block) -> bool:
+    """Whether the block has only data-parallel iterators (no reduction)."""
+    return all(int(iv.iter_type) == 0 for iv in sch.get(block).iter_vars)
+
+
+def _schedule_injective(sch, names: list[str]) -> None:
+    """Elementwise/injective kernels (pads, layout transforms, requantize, byte split): the intermediate blocks
+    inlined into the ones writing the outputs, whose outer loops run in parallel and whose innermost loop is
+    vectorized; untemplated, these stay serial scalar loops (MetaSchedule finds about the same schedule, at ~20 s of
+    builder time per task)."""
+    blocks = [sch.get_sblock(name) for name in names]
+    if not blocks or not all(_is_spatial(sch, b) for b in blocks):
+        raise ValueError("not an injective function")
+    outputs = []
+    for block in blocks:  # a block nothing in the function reads writes an output
+        if sch.get_consumers(block):
+            sch.compute_inline(block)
+        else:
+            outputs.append(block)
+    for block in outputs:
+        _parallel_vector_loops(sch, block)
+
+
+def _parallel_vector_loops(sch, block) -> None:
+    """The block's innermost loop (or its largest divisor up to VECTOR_MAX_LANES) vectorized; the fewest leading
+    loops with PARALLEL_MIN_CHUNKS iterations fused and run in parallel (when the block is large enough to pay
+    for a parallel launch); the loops between stay serial, so their index arithmetic stays cheap."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    extents = [int(sch.get(lp).extent) for lp in loops]
+    inner = extents[-1]
+    lanes = max(d for d in range(1, min(inner, VECTOR_MAX_LANES) + 1) if inner % d == 0)
+    outer, vec = list(loops[:-1]), loops[-1]
+    outer_extents = extents[:-1]
+    if lanes < inner:
+        outer_inner, vec = sch.split(loops[-1], [None, lanes])
+        outer.append(outer_inner)
+        outer_extents.append(inner // lanes)
+    if outer and math.prod(extents) >= PARALLEL_MIN_ELEMENTS:
+        k, chunks = 0, 1
+        while k < len(outer) and chunks < PARALLEL_MIN_CHUNKS:
+            chunks *= outer_extents[k]
+            k += 1
+        sch.parallel(sch.fuse(*outer[:k]) if k > 1 else outer[0])
+    if lanes > 1:
+        sch.vectorize(vec)
+
+
 def schedule_func(func, vector_registers: int = 32):
     """The PrimFunc with a template schedule applied, or None when no template fits it."""
     import tvm
@@ -210,11 +269,15 @@ def schedule_func(func, vector_registers: int = 32):
             except errors:
                 return None
             return sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
-    return None
+    try:
+        _schedule_injective(sch, names)
+    except errors:
+        return None
+    return sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
 
 
 def apply_templates(mod, target) -> tuple[object, list[str]]:
-    """Schedule every conv PrimFunc a template fits; returns the module and the scheduled function names."""
+    """Schedule every PrimFunc a template fits; returns the module and the scheduled function names."""
     import tvm
 
     regs = 32 if target.has("avx512f") else 16

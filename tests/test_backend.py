@@ -1,6 +1,7 @@
 """TVM backend: targets, lowering vs the interpreter, tuning with a reusable database, artifacts, measurement."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -74,12 +75,12 @@ def test_lowering_matches_interpreter(name):
         assert _compile_and_run(graph, target, plan).max_rel <= 1e-4, plan
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
-def test_conv_templates_schedule_convs_and_match(name):
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "shufflenet_v2_x1_0", "squeezenet1_1"])
+def test_templates_schedule_convs_and_elementwise_kernels_and_match(name):
     import tvm
     from tvm import relax
 
-    from slimc.targets.schedules import apply_templates
+    from slimc.targets.schedules import PARALLEL_MIN_ELEMENTS, _is_spatial, apply_templates
 
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None).eval()
@@ -88,7 +89,18 @@ def test_conv_templates_schedule_convs_and_match(name):
     mod, done = apply_templates(tune.prepare(lower(graph, target), target.tvm()), target)
     convs = sum(1 for n in graph.nodes if n.op == "conv2d")
     assert len(done) >= min(convs, 10) // 2, done  # most conv workloads get a template schedule
-    assert any("depthwise" in d for d in done) == (name == "mobilenet_v2")
+    assert any("depthwise" in d for d in done) == (name in ("mobilenet_v2", "shufflenet_v2_x1_0"))
+    left = {gv.name_hint: f for gv, f in mod.functions.items()
+            if isinstance(f, tvm.tirx.PrimFunc) and gv.name_hint not in done}
+    for fname, f in left.items():  # only reductions (pooling, dense) are left for MetaSchedule
+        sch = tvm.s_tir.Schedule(f)
+        assert not all(_is_spatial(sch, b) for b in sch.get_child_blocks(sch.get_sblock("root"))), fname
+    pads = [gv for gv in mod.functions if gv.name_hint.startswith("pad") and gv.name_hint in done]
+    assert pads or name == "squeezenet1_1"  # zero-padded convs read a padded copy, made in parallel vector loops
+    for gv in pads:  # parallel once big enough to pay for the launch
+        script, sch = mod[gv].script(), tvm.s_tir.Schedule(mod[gv])
+        size = math.prod(int(sch.get(lp).extent) for lp in sch.get_loops(sch.get_sblock("PadInput")))
+        assert "T.vectorized" in script and ("T.parallel" in script) == (size >= PARALLEL_MIN_ELEMENTS), gv.name_hint
     vm = relax.VirtualMachine(tvm.compile(mod, target.tvm()), tvm.cpu())
     x = interpreter.example_inputs(graph)
     assert compare([vm["main"](tvm.runtime.tensor(x[0])).numpy()], interpreter.run(graph, x)).max_rel <= 1e-4

@@ -168,6 +168,8 @@ def _avgpool(x, a):
 
 @kernel("global_avg_pool")
 def _gap(x, a):
+    if x[0].dtype == torch.float32:  # summed in float64: the float32 mean then does not depend on the order
+        return x[0].double().mean(dim=(2, 3), keepdim=True).float()
     return x[0].mean(dim=(2, 3), keepdim=True)
 
 

@@ -443,7 +443,7 @@ register_op("max_pool2d", ["x"], {**_POOL, "dilation": Attr("ints", (1, 1))})(_p
 register_op("avg_pool2d", ["x"], {**_POOL, "count_include_pad": Attr("bool", True)})(_pool_infer("avg_pool2d"))
 
 
-@register_op("global_avg_pool", ["x"], doc="mean over H, W keeping them as 1")
+@register_op("global_avg_pool", ["x"], doc="mean over H, W keeping them as 1 (float32: summed in float64, so order-free)")
 def _gap(t, a):
     x = t[0]
     if x.rank != 4:

@@ -462,7 +462,12 @@ def _gap(lw: Lowerer, n: Node):
     from tvm.relax import op as R
 
     v = lw.value(n.inputs[0])
-    return [lw.emit(R.mean(v.expr, axis=[2, 3], keepdims=True), v.block)]
+    if n.out_type.dtype != "float32":
+        return [lw.emit(R.mean(v.expr, axis=[2, 3], keepdims=True), v.block)]
+    # summed in float64 like the interpreter: the float32 mean is then the same whatever order the kernel sums in
+    # (an int8 model's requantized pool output would otherwise differ by a grid step now and then)
+    y = lw.bb.emit(R.mean(R.astype(v.expr, "float64"), axis=[2, 3], keepdims=True))
+    return [lw.emit(R.astype(y, "float32"), v.block)]
 
 
 @lowering("adaptive_avg_pool2d")

@@ -147,3 +147,24 @@ def test_pruning_composes_with_int8_in_one_pipeline():
     assert any(c < 32 and c % 8 == 0 for c in pruned.values()), pruned
     r = build(f, target, trials=0, progress=False)
     np.testing.assert_array_equal(_run(r.executable, x[:1]), interpreter.run(f, [x[:1]])[0])
+
+def test_global_average_pool_does_not_depend_on_the_summation_order():
+    """A float pool feeding a requantize (MobileNetV2's head) must not move values across grid steps: both the
+    interpreter and the backend sum float32 pools in float64."""
+    import tvm
+    from tvm import relax
+
+    from slimc.targets.build import build
+
+    x = np.random.default_rng(3).lognormal(0.0, 2.0, (1, 1280, 7, 7)).astype(np.float32)
+    flat = x.reshape(1280, 49)
+    forward = np.array([np.float32(sum(r, np.float32(0))) for r in flat])  # float32 sums in two orders differ
+    backward = np.array([np.float32(sum(r[::-1], np.float32(0))) for r in flat])
+    assert (forward != backward).any()
+    g = from_torch(torch.nn.AdaptiveAvgPool2d(1), (torch.from_numpy(x),), name="gap")
+    g, _ = PassManager("canonicalize").run(g)
+    assert [n.op for n in g.nodes] == ["global_avg_pool"]
+    ex = build(g, resolve("native"), trials=0, progress=False).executable
+    out = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_array_equal(out, interpreter.run(g, [x])[0])
+    np.testing.assert_array_equal(out.ravel(), flat.astype(np.float64).mean(1).astype(np.float32))

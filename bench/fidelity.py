@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -174,7 +175,11 @@ def _slimc_int8(passes: str) -> Method:
         graph, records = PassManager(pipeline, context=ctx).run(case.graph)
         seconds = time.perf_counter() - t0
         steps = {r.name.split("{")[0]: dict(r.pass_stats) for r in records}
-        info = {"quantize_seconds": seconds, "pipeline": pipeline,
+        from slimc import ir
+
+        saved = os.path.join(case.work, re.sub(r"[^A-Za-z0-9.+-]+", "_", passes) + ".slimc")
+        ir.save(graph, saved)  # to compile and time: slimc compile SAVED --input-shape 1,3,224,224
+        info = {"quantize_seconds": seconds, "pipeline": pipeline, "graph": saved,
                 **{k: steps["fold-qdq"][k] for k in ("int8_mac_share", "int16_mac_share")}}
         if "quant-fallback" in steps:
             fb = steps["quant-fallback"]

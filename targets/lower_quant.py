@@ -119,22 +119,30 @@ def _lane_padded_input(lw: Lowerer, n: Node, w: np.ndarray, ib: int, zp: float, 
     return x, np.pad(w, ((0, 0), (0, extra), (0, 0), (0, 0)))
 
 
-def _vnni_acc(lw: Lowerer, n: Node, w: np.ndarray, blocks: tuple[int, int], zp: int, source):
-    """int32 accumulator of conv2d_NCHWc_int8 (templated into vpdpbusd) on the u8 input `source(block)` padded with
-    `zp`; output channels padded to whole 16-blocks."""
+def _conv_attrs(n: Node) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    a = n.attrs
+    return tuple(tuple(a.get(k, d)) for k, d in (("stride", (1, 1)), ("padding", (0, 0, 0, 0)), ("dilation", (1, 1))))
+
+
+def _vnni_acc(lw: Lowerer, n: Node, w: np.ndarray, blocks: tuple[int, int], x):
+    """int32 accumulator of conv2d_NCHWc_int8 (templated into vpdpbusd) on `x`, the input already padded (NCHW[ib]c
+    u8, channels a multiple of 4 like `w`'s); output channels padded to whole 16-blocks."""
     from tvm import topi
 
     ib, ob = blocks
-    a = n.attrs
-    stride, padding, dilation = (tuple(a.get(k, d)) for k, d in
-                                 (("stride", (1, 1)), ("padding", (0, 0, 0, 0)), ("dilation", (1, 1))))
-    x, w = _lane_padded_input(lw, n, w, ib, float(zp), source)
-    x = _spatial_pad(lw, x, padding, 5, float(zp))
+    stride, _, dilation = _conv_attrs(n)
     w = np.pad(w, ((0, -w.shape[0] % ob), (0, 0), (0, 0), (0, 0)))
     with lw.target:
         return lw.bb.emit_te(topi.nn.conv2d_NCHWc_int8, x, lw.const(pack_int8_conv_weight(w, ib, ob)),
                              stride, (0, 0), dilation, f"NCHW{ib}c", f"NCHW{ob}c", "int32",
                              VNNI_IC_LANES, primfunc_name_hint="conv2d_NCHWc_int8")
+
+
+def _padded_input(lw: Lowerer, n: Node, w: np.ndarray, ib: int, zp: int, source):
+    """The u8 input `source(block)` as NCHW[ib]c with channels padded to 4 lanes and the spatial padding applied
+    (both with the zero point), and `w` with its input channels padded to match."""
+    x, w = _lane_padded_input(lw, n, w, ib, float(zp), source)
+    return _spatial_pad(lw, x, _conv_attrs(n)[1], 5, float(zp)), w
 
 
 def _byte(lw: Lowerer, source, high: bool):
@@ -148,13 +156,65 @@ def _byte(lw: Lowerer, source, high: bool):
     return part
 
 
+def _byte_planes_te(x, padding: tuple[int, ...], zp: int):
+    """NCHW[b]c uint16 -> its high and low bytes as two uint8 tensors, spatially padded with the zero point's
+    bytes: one pass over the input, one kernel (a compute with two outputs)."""
+    from tvm import te, tirx
+
+    top, left, bottom, right = padding
+    n, c, h, w, b = x.shape
+
+    def planes(i, j, y, z, k):
+        if not any(padding):
+            v = x[i, j, y, z, k]
+            return [(v >> 8).astype("uint8"), (v & 255).astype("uint8")]
+        inside = tirx.all(y >= top, y < h + top, z >= left, z < w + left)
+        v = x[i, j, y - top, z - left, k]
+        return [tirx.if_then_else(inside, (v >> 8).astype("uint8"), tirx.const(zp >> 8, "uint8")),
+                tirx.if_then_else(inside, (v & 255).astype("uint8"), tirx.const(zp & 255, "uint8"))]
+
+    return te.compute((n, c, h + top + bottom, w + left + right, b), planes, name="byte_planes")
+
+
+#: relax's OpPatternKind for "do not fuse": FuseOps would otherwise pull the split into the producing conv's
+#: epilogue, which the conv templates cannot schedule
+OPAQUE = 8
+
+
+def _byte_planes(lw: Lowerer, x, padding: tuple[int, ...], zp: int):
+    """The two padded byte planes of the uint16 value `x` (NCHW[b]c) from one kernel of their own."""
+    from tvm import relax, te
+
+    shape = [int(d) for d in x.ty.shape]
+    data = te.placeholder(shape, "uint16", name="x")
+    hi, lo = _byte_planes_te(data, padding, zp)
+    func = te.create_prim_func([data, hi, lo]).without_attr("global_symbol").with_attr("op_pattern", OPAQUE)
+    gv = lw.bb.add_func(func, "byte_planes")
+    out = relax.TensorType([int(d) for d in hi.shape], "uint8")
+    planes = lw.bb.emit(relax.call_tir(gv, [x], [out, out]))
+    return tuple(lw.bb.emit(relax.TupleGetItem(planes, i)) for i in (0, 1))
+
+
+def _wide_acc(lw: Lowerer, n: Node, w: np.ndarray, blocks: tuple[int, int], zp: int, source):
+    """int32 accumulator of a uint16-input VNNI conv: x = 256 * hi + lo with u8 bytes, two vpdpbusd convs summed as
+    256 * acc(hi) + acc(lo), exact in int32 since the grid keeps qmax * sum|w| below 2^29."""
+    from tvm import relax
+    from tvm.relax import op as R
+
+    ib = blocks[0]
+    if w.shape[1] % VNNI_IC_LANES:  # channels padded to 4 lanes in NCHW first: the bytes are split there
+        hi, _ = _padded_input(lw, n, w, ib, zp >> 8, _byte(lw, source, True))
+        lo, w = _padded_input(lw, n, w, ib, zp & 255, _byte(lw, source, False))
+    else:
+        hi, lo = _byte_planes(lw, source(ib), _conv_attrs(n)[1], zp)
+    acc_hi, acc_lo = _vnni_acc(lw, n, w, blocks, hi), _vnni_acc(lw, n, w, blocks, lo)
+    return lw.bb.emit(R.add(R.multiply(acc_hi, lw.const(np.int32(256))), acc_lo))
+
+
 def _vnni_conv(lw: Lowerer, n: Node, w: np.ndarray, bias: np.ndarray, scale: np.ndarray, blocks: tuple[int, int],
                source=None) -> Val:
     """conv2d_NCHWc_int8 (templated into vpdpbusd) + requantizing epilogue; output channels padded to 16-blocks.
-
-    A uint16 input (wide grid, passes/quant/wide.py) is x = 256 * hi + lo with u8 bytes: two vpdpbusd convs whose
-    sum 256 * acc(hi) + acc(lo) is exact in int32, since the grid keeps qmax * sum|w| below 2^29.
-    """
+    A uint16 input (wide grid, passes/quant/wide.py) runs as two convs over its bytes (`_wide_acc`)."""
     from tvm.relax import op as R
 
     ib, ob = blocks
@@ -162,11 +222,10 @@ def _vnni_conv(lw: Lowerer, n: Node, w: np.ndarray, bias: np.ndarray, scale: np.
     source = source or (lambda block: lw.expr(n.inputs[0], block))
     cout = w.shape[0]
     if lw.graph.type_of(n.inputs[0]).dtype == "uint16":
-        hi = _vnni_acc(lw, n, w, blocks, zp >> 8, _byte(lw, source, True))
-        lo = _vnni_acc(lw, n, w, blocks, zp & 255, _byte(lw, source, False))
-        acc = lw.bb.emit(R.add(R.multiply(hi, lw.const(np.int32(256))), lo))
+        acc = _wide_acc(lw, n, w, blocks, zp, source)
     else:
-        acc = _vnni_acc(lw, n, w, blocks, zp, source)
+        x, w_lanes = _padded_input(lw, n, w, ib, zp, source)
+        acc = _vnni_acc(lw, n, w_lanes, blocks, x)
     extra = -cout % ob  # output channels padded to whole 16-channel blocks, sliced off after
     if extra:
         bias, scale = np.pad(bias, (0, extra)), np.pad(scale, (0, extra), constant_values=1.0)

@@ -199,7 +199,9 @@ def test_int16_layers_run_two_vpdpbusd_convs(setup, tmp_path):
 
     from slimc.targets.asm import count_int8_dot
     from slimc.targets.build import build
+    from slimc.targets.lower import lower
     from slimc.targets.triple import resolve
+    from slimc.targets.tune import prepare
 
     _, q, x = setup
     counts = {}
@@ -213,6 +215,14 @@ def test_int16_layers_run_two_vpdpbusd_convs(setup, tmp_path):
         r.executable.export_library(lib)
         counts[wide] = count_int8_dot(lib, resolve("native"))["vpdpbusd"]
     assert counts[True] > counts[False] > 0, counts
+    # the bytes of a wide input come from one kernel per conv (both planes, padded), not a shift and a mask pass each
+    target = resolve("native")
+    kernels = [gv.name_hint for gv in prepare(lower(folded, target), target.tvm()).functions]
+    dot = [folded.type_of(n.inputs[0]).shape[1] for n in folded.nodes if n.op in ("qconv2d", "qdense")
+           and folded.type_of(n.inputs[0]).dtype == "uint16" and n.attrs.get("groups", 1) == 1]
+    assert sum(k.startswith("byte_planes") for k in kernels) == sum(c % 4 == 0 for c in dot) > 0
+    # (a conv whose channels are padded to 4 lanes splits its bytes before that padding: two small kernels)
+    assert sum("right_shift" in k for k in kernels) == sum(c % 4 != 0 for c in dot)
 
 
 def test_near_dead_channels_get_a_weight_scale_their_int32_bias_fits(setup):

@@ -8,7 +8,6 @@ import tiny_models
 from slimc import data, interpreter
 from slimc.pass_manager import PassContext, PassInput, PassManager
 from slimc.frontend.torch import from_torch
-from slimc.passes.quant.fallback import COST_FLOOR
 from slimc.passes.quant.qdq import int8_nodes
 from slimc.passes.quant.scheme import widened_qparams
 from slimc.passes.quant.wide import SUM_LIMIT, WIDE_MIN_BITS, group_qmax, widen, _group, _pair
@@ -106,10 +105,8 @@ def test_int16_fallback_meets_the_floor_and_folds_to_integer_ops(setup):
     out, records = PassManager(pipeline, context=PassContext(calib=data.from_arrays([x]))).run(g)
     fb, fold = records[-2].pass_stats, records[-1].pass_stats
     assert fb["met"] and fb["to"] == "int16" and fb["fallback"] and fb["after"]["output_sqnr_db"] >= floor
-    gains, costs = fb["widening_gain_db"], fb["widening_cost"]  # the most gain per extra multiply goes first
-    per_cost = {k: gains[k] / (costs[k] + COST_FLOOR) for k in gains}
-    assert fb["fallback"][0] == max(per_cost, key=per_cost.get) and gains[fb["fallback"][0]] > 0
-    assert costs["add"] == 0 < costs["conv2d_1"]  # no conv reads what QuantNet's add reads: no extra multiply
+    gains = fb["widening_gain_db"]  # the node whose widening alone gains most goes first
+    assert fb["fallback"][0] == max(gains, key=gains.get) and gains[fb["fallback"][0]] > 0
     assert fb["int16_mac_share"] > 0 and abs(fb["int8_mac_share"] + fb["int16_mac_share"] - 0.9999) < 1e-3  # - dense
     assert not any(n.op == "conv2d" for n in out.nodes)  # every conv still integer
     assert fold["int16_mac_share"] > 0 and abs(fold["int8_mac_share"] + fold["int16_mac_share"] - 0.9999) < 1e-3

@@ -2,8 +2,7 @@
 
 Sensitivity of an int8 node (conv2d, dense or add) is the SQNR (dB) of the model's outputs against the float model
 when only that node runs in int8, everything else in float; for `to=int16` it is the SQNR gain of widening only
-that node's activation grids in the int8 model, per extra multiply: the share of MACs in dot-product layers that
-would read 16 bits (run twice with VNNI) plus COST_FLOOR, so cheap depthwise and add inputs go first. Falling back to float (`to=float`) means the node
+that node's activation grids in the int8 model. Falling back to float (`to=float`) means the node
 reads float operands and the float model's weights and bias again; QDQ pairs that no int8 node reads any more go
 away. Falling back to int16 (`to=int16`) keeps the node's int8 weights and integer arithmetic but widens the grids
 of the activations it reads to uint16 (`wide`: up to 2^16 levels, as many as its int32 sums allow).
@@ -181,22 +180,6 @@ def widening_gains(q: Graph, f: Graph, nodes: Sequence[Node], samples: Samples, 
     return {name: round(db - before, 3) for name, db in sqnr.items()}
 
 
-#: MAC share a widening costs at least, in the ranking by gain per cost (widening a depthwise conv's or an add's
-#: input costs no extra multiplies: it would rank by gain alone, ahead of everything)
-COST_FLOOR = 0.01
-
-
-def widening_costs(q: Graph, f: Graph, nodes: Sequence[Node], ranges: dict[str, tuple[float, float]] | None
-                   ) -> dict[str, float]:
-    """Share of the MACs in dot-product layers (conv with one group, dense) that read 16-bit activations once only
-    one node is widened, for each node: with VNNI each of them runs twice (high and low bytes); depthwise convs and
-    adds read 16 bits at no extra multiply."""
-    def dot_layers(g: Graph) -> set[str]:
-        return {name for name in grid_nodes(g, "uint16")
-                if g.node(name).op == "dense" or (g.node(name).op == "conv2d" and g.node(name).attrs["groups"] == 1)}
-    return {n.name: round(mac_share(f, dot_layers(widen(q, [n.name], ranges)[0])), 5) for n in nodes}
-
-
 def float_gains(q: Graph, f: Graph, nodes: Sequence[Node], samples: Samples, batch_size: int,
                 log=lambda msg: None) -> dict[str, float]:
     """Output SQNR gain (dB, vs `f`) of putting only one int8 node of `q` back in float, for each node: where the
@@ -303,12 +286,11 @@ def quant_fallback(graph: Graph, ctx: PassContext) -> PassResult:
     if to == "float":
         sens = sensitivities(base, f, nodes, head, bs, ctx.log)
         order = sorted(sens, key=lambda name: sens[name])
-    else:  # the most gain per extra multiply first
+    else:
         sens = widening_gains(base, f, nodes, head, bs, ranges, ctx.log)
-        costs = widening_costs(base, f, nodes, ranges)
-        order = sorted(sens, key=lambda name: -sens[name] / (costs[name] + COST_FLOOR))
+        order = sorted(sens, key=lambda name: -sens[name])
     stats: dict = {"int8_nodes": len(nodes), "sensitivity_db" if to == "float" else "widening_gain_db": sens,
-                   **({} if to == "float" else {"widening_cost": costs}), "budget": {"sqnr_floor": budget.sqnr_floor, "max_drop": budget.max_drop, "metric": budget.metric,
+                   "budget": {"sqnr_floor": budget.sqnr_floor, "max_drop": budget.max_drop, "metric": budget.metric,
                               "reference_metric": ref_metric, "samples": len(samples)}}
     if budget.sqnr_floor is None and budget.max_drop is None:
         return PassResult(graph, False, {**stats, "fallback": [], "to": to, "met": None})

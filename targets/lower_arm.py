@@ -2,7 +2,8 @@
 
 NEON's dot product (`sdot`, +dotprod) multiplies signed bytes with signed bytes (the u8 x s8 `usdot` needs +i8mm
 and TVM 0.27 has no intrinsic for it), so u8 activations are shifted to s8 (x - 128) in the relayout/pad step and
-each output channel's int32 bias gains 128 * sum(w): sum((x - 128) * w) + 128 * sum(w) = sum(x * w), exact.
+each output channel's int32 bias gains 128 * sum(w): sum((x - 128) * w) + 128 * sum(w) = sum(x * w), exact. A uint16
+activation (wide grid) is x = 256 * hi + lo: one such conv per byte, combined as 256 * acc(hi) + acc(lo).
 Data is NCHW[ib]c s8 (padded by a separate op so the conv's loads stay tensorizable), the kernel
 [O/ob, I/ib, KH, KW, ib/4, ob, 4]; every 4 output channels x 4 input channels of it is 16 contiguous bytes, one sdot.
 """
@@ -15,7 +16,7 @@ import numpy as np
 
 from slimc.ir import Node
 from slimc.targets.lower import Lowerer, Val, _spatial_pad
-from slimc.targets.lower_quant import _lane_padded_input, pack_int8_conv_weight, requantize
+from slimc.targets.lower_quant import _byte, _lane_padded_input, pack_int8_conv_weight, requantize
 from slimc.targets.schedules import CONV_DOT_BLOCK
 
 DOT_LANES = 4  # s8 products summed into one int32 lane by sdot
@@ -25,26 +26,40 @@ S8_SHIFT = 128  # u8 activation - 128 = s8 activation
 INT32_MAX = 2**31 - 1
 
 
-def dot_bias(bias: np.ndarray, w: np.ndarray) -> np.ndarray | None:
-    """The int32 bias that undoes the activation shift (bias + 128 * sum(w) per output), or None past int32."""
-    total = bias.astype(np.int64) + S8_SHIFT * w.reshape(w.shape[0], -1).astype(np.int64).sum(axis=1)
+#: a uint16 activation x = 256 * hi + lo runs as two sdot convs over its bytes, each shifted by 128:
+#: sum(x * w) = 256 * acc(hi - 128) + acc(lo - 128) + (256 + 1) * 128 * sum(w)
+WIDE_SHIFT = (256 + 1) * S8_SHIFT
+
+
+def dot_bias(bias: np.ndarray, w: np.ndarray, shift: int = S8_SHIFT) -> np.ndarray | None:
+    """The int32 bias that undoes the activation shift (bias + shift * sum(w) per output), or None past int32."""
+    total = bias.astype(np.int64) + shift * w.reshape(w.shape[0], -1).astype(np.int64).sum(axis=1)
     if np.abs(total).max(initial=0) > INT32_MAX:
         return None
     return total.astype(np.int32)
 
 
+def _wide_fits(w: np.ndarray) -> bool:
+    """Whether 256 * acc(hi - 128) stays in int32 for every output channel (|hi - 128| <= 128)."""
+    return 256 * S8_SHIFT * int(np.abs(w.reshape(w.shape[0], -1).astype(np.int64)).sum(axis=1).max(initial=0)) \
+        <= INT32_MAX
+
+
 def uses_dotprod(lw: Lowerer, n: Node) -> bool:
-    """Whether this qconv2d/qdense runs on sdot: +dotprod AArch64, u8 activations, groups=1, bias still int32."""
+    """Whether this qconv2d/qdense runs on sdot: +dotprod AArch64, u8 (or u16, as two byte convs) activations,
+    groups=1, bias still int32."""
     info = lw.target_info
     if getattr(info, "int8_dot", None) not in ("dotprod", "i8mm") or not info.has("dotprod"):
         return False
     if n.attrs.get("groups", 1) != 1:
         return False
     g = lw.graph
-    x = g.type_of(n.inputs[0])
-    if x.dtype != "uint8" or x.rank != (4 if n.op == "qconv2d" else 2):
+    x, w = g.type_of(n.inputs[0]), g.weight(n.inputs[1])
+    if x.rank != (4 if n.op == "qconv2d" else 2):
         return False
-    return dot_bias(g.weight(n.inputs[2]), g.weight(n.inputs[1])) is not None
+    if x.dtype == "uint16":
+        return _wide_fits(w) and dot_bias(g.weight(n.inputs[2]), w, WIDE_SHIFT) is not None
+    return x.dtype == "uint8" and dot_bias(g.weight(n.inputs[2]), w) is not None
 
 
 def dot_blocks(cin: int, cout: int) -> tuple[int, int]:
@@ -99,20 +114,45 @@ def _dot_conv(lw: Lowerer, x, w: np.ndarray, ib: int, ob: int, stride, dilation)
                          tuple(dilation), "int32", primfunc_name_hint=CONV_DOT_BLOCK)
 
 
+def _wide(lw: Lowerer, n: Node) -> bool:
+    return lw.graph.type_of(n.inputs[0]).dtype == "uint16"
+
+
+def _sources(lw: Lowerer, n: Node, source) -> list[tuple[object, int]]:
+    """(u8 source(block), its zero point) per byte plane: the input itself, or the high and low bytes of a uint16
+    input (summed as 256 * acc(hi) + acc(lo))."""
+    zp = int(n.attrs["x_zero_point"])
+    if not _wide(lw, n):
+        return [(source, zp)]
+    return [(_byte(lw, source, True), zp >> 8), (_byte(lw, source, False), zp & 255)]
+
+
+def _combine(lw: Lowerer, accs: list):
+    """One plane's accumulator, or 256 * acc(hi) + acc(lo)."""
+    from tvm.relax import op as R
+
+    if len(accs) == 1:
+        return accs[0]
+    return lw.bb.emit(R.add(R.multiply(accs[0], lw.const(np.int32(256))), accs[1]))
+
+
 def lower_qconv2d(lw: Lowerer, n: Node) -> list[Val]:
-    """qconv2d as shift -> pad -> sdot conv -> requantize, staying in NCHW[ob]c unless channels were padded."""
+    """qconv2d as shift -> pad -> sdot conv -> requantize, staying in NCHW[ob]c unless channels were padded (a
+    uint16 input: one such conv per byte plane)."""
     from tvm.relax import op as R
 
     g = lw.graph
     a = n.attrs
-    w = g.weight(n.inputs[1])
-    cout, cin = w.shape[0], g.type_of(n.inputs[0]).shape[1]
+    w0 = g.weight(n.inputs[1])
+    cout, cin = w0.shape[0], g.type_of(n.inputs[0]).shape[1]
     ib, ob = dot_blocks(cin, cout)
-    x, w = _lane_padded_input(lw, n, w, ib, float(a["x_zero_point"]))
-    x = _spatial_pad(lw, _to_s8(lw, x), a["padding"], 5, float(a["x_zero_point"] - S8_SHIFT))
-    w, bias, scale = _padded_outputs(w, g.weight(n.inputs[2]), g.weight(n.inputs[3]), ob)
-    acc = _dot_conv(lw, x, w, ib, ob, a["stride"], a["dilation"])
-    y = requantize(lw, acc, n, scale, ob, dot_bias(bias, w))
+    accs = []
+    for source, zp in _sources(lw, n, lambda block: lw.expr(n.inputs[0], block)):
+        x, w = _lane_padded_input(lw, n, w0, ib, float(zp), source)
+        x = _spatial_pad(lw, _to_s8(lw, x), a["padding"], 5, float(zp - S8_SHIFT))
+        w, bias, scale = _padded_outputs(w, g.weight(n.inputs[2]), g.weight(n.inputs[3]), ob)
+        accs.append(_dot_conv(lw, x, w, ib, ob, a["stride"], a["dilation"]))
+    y = requantize(lw, _combine(lw, accs), n, scale, ob, dot_bias(bias, w, WIDE_SHIFT if _wide(lw, n) else S8_SHIFT))
     if w.shape[0] == cout:
         return [Val(y, ob)]
     y = lw.bb.emit(R.layout_transform(y, index_map=lambda b, cb, h, w_, ci: (b, cb * ob + ci, h, w_)))
@@ -124,19 +164,22 @@ def lower_qdense(lw: Lowerer, n: Node) -> list[Val]:
     from tvm.relax import op as R
 
     g = lw.graph
-    w = g.weight(n.inputs[1])
-    (rows, k), cout = g.type_of(n.inputs[0]).shape, w.shape[0]
+    w0 = g.weight(n.inputs[1])
+    (rows, k), cout = g.type_of(n.inputs[0]).shape, w0.shape[0]
     ib, ob = dot_blocks(k, cout)
-    x = lw.expr(n.inputs[0])
     extra = -k % DOT_LANES  # zero weights over the padded inputs: the pad value adds nothing
-    if extra:
-        x = lw.bb.emit(R.nn.pad(x, [0, 0, 0, extra], "constant", float(n.attrs["x_zero_point"])))
-        w = np.pad(w, ((0, 0), (0, extra)))
-    x = lw.bb.emit(R.reshape(_to_s8(lw, x), (rows, (k + extra) // ib, ib)))
-    x = lw.bb.emit(R.reshape(R.permute_dims(x, [1, 0, 2]), (1, (k + extra) // ib, 1, rows, ib)))
-    w, bias, scale = _padded_outputs(w, g.weight(n.inputs[2]), g.weight(n.inputs[3]), ob)
-    acc = _dot_conv(lw, x, w[:, :, None, None], ib, ob, (1, 1), (1, 1))
-    y = requantize(lw, acc, n, scale, ob, dot_bias(bias, w))  # [1, O/ob, 1, N, ob]
+    w, bias, scale = _padded_outputs(np.pad(w0, ((0, 0), (0, extra))), g.weight(n.inputs[2]), g.weight(n.inputs[3]),
+                                     ob)
+    accs = []
+    for source, zp in _sources(lw, n, lambda block: lw.expr(n.inputs[0])):
+        x = source(0)
+        if extra:
+            x = lw.bb.emit(R.nn.pad(x, [0, 0, 0, extra], "constant", float(zp)))
+        x = lw.bb.emit(R.reshape(_to_s8(lw, x), (rows, (k + extra) // ib, ib)))
+        x = lw.bb.emit(R.reshape(R.permute_dims(x, [1, 0, 2]), (1, (k + extra) // ib, 1, rows, ib)))
+        accs.append(_dot_conv(lw, x, w[:, :, None, None], ib, ob, (1, 1), (1, 1)))
+    y = requantize(lw, _combine(lw, accs), n, scale, ob,  # [1, O/ob, 1, N, ob]
+                   dot_bias(bias, w, WIDE_SHIFT if _wide(lw, n) else S8_SHIFT))
     y = lw.bb.emit(R.reshape(y, (w.shape[0] // ob, rows, ob)))
     y = lw.bb.emit(R.reshape(R.permute_dims(y, [1, 0, 2]), (rows, w.shape[0])))
     if w.shape[0] == cout:

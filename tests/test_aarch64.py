@@ -322,3 +322,39 @@ def test_int8_dotprod_library_has_sdot_and_is_exact_under_qemu(int8_arm_artifact
     assert "run on qemu-aarch64" in p.stdout
     # bit-exact: the integer kernels and the float epilogue round exactly as the IR interpreter does
     assert "max abs error 0.00e+00" in p.stdout and "OK: max error 0.00e+00" in p.stdout, p.stdout
+
+
+def test_wide_layers_run_two_sdot_convs_and_are_exact_on_the_host(dot_shapes):
+    """uint16 activations (quant-fallback{to=int16}) on +dotprod: one sdot conv per byte plane, exact."""
+    import torch
+    import tvm
+    from tvm import relax
+
+    from slimc import interpreter
+    from slimc.frontend.torch import from_torch
+    from slimc.pass_manager import PassManager
+    from slimc.passes.quant.qdq import int8_nodes
+    from slimc.passes.quant.wide import widen
+    from slimc.targets.lower import Lowerer, default_plan, lower
+    from slimc.targets.schedules import apply_templates
+    from slimc.targets.triple import resolve
+    from slimc.targets.tune import prepare
+    from test_quant_pipeline import min_max_ranges
+
+    _, x = dot_shapes
+    g = from_torch(dot_shapes_net(), (torch.from_numpy(x),), name="wide")
+    g, _ = PassManager("canonicalize,fold-bn,fuse-act").run(g)
+    q, _ = PassManager("quantize").run(g.replace(calibration=min_max_ranges(g, x)))
+    w, widened = widen(q, [n.name for n in int8_nodes(q)])
+    folded, _ = PassManager("fold-qdq").run(w)
+    wide = [n for n in folded.nodes if n.op in ("qconv2d", "qdense") and folded.type_of(n.inputs[0]).dtype == "uint16"]
+    assert len(wide) == 4, widened  # every conv and the dense read 16 bits
+    arm, host = resolve(*ARM_DOTPROD), resolve("native")
+    mod = prepare(Lowerer(folded, host.tvm(), default_plan(arm), arm).run(), host.tvm())
+    assert len(_dot_funcs(mod)) == 8  # two byte-plane convs each
+    arm_mod = prepare(lower(folded, arm), arm.tvm())
+    _, scheduled = apply_templates(arm_mod, arm)
+    assert set(_dot_funcs(arm_mod)) <= set(scheduled)  # all tensorized into sdot
+    vm = relax.VirtualMachine(tvm.compile(mod, host.tvm()), tvm.cpu())
+    for inp in (x, x * 40):  # and far out of range: the grids' tops
+        np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(inp)).numpy(), interpreter.run(folded, [inp])[0])

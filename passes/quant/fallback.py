@@ -248,7 +248,8 @@ def _budget(ctx: PassContext) -> Budget:
                            "budget needs)"),
     batch_size=opt(int, 16, "samples per interpreter call"),
     to=opt(str, "float", "float (the node computes in float again), int16 (it keeps int8 weights and reads "
-                         "uint16 activations: two vpdpbusd convs with VNNI, generic int32 kernels elsewhere) or "
+                         "uint16 activations: two vpdpbusd or sdot convs over its bytes, generic int32 kernels "
+                         "elsewhere) or "
                          "int16+float (int16 first; if all int16 misses, nodes go on to float)"),
 )
 def quant_fallback(graph: Graph, ctx: PassContext) -> PassResult:

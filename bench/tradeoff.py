@@ -1,0 +1,130 @@
+"""Speed and agreement together: slimc's int8 builds of the pretrained models against ONNX Runtime, in one run.
+
+bench/fidelity.py measures each method's top-1 agreement and logit SQNR on the natural-image crops and saves the
+integer graph of every slimc row (and the ORT int8 model of every ORT row). This script compiles those graphs for
+this machine (`slimc compile GRAPH --input-shape 1,3,H,W --trials N`, its median latency), and times the ORT models,
+ONNX Runtime fp32 and PyTorch eager on one crop, batch 1, in the same run; the table puts each build's latency next
+to its agreement. Run it alone (timings on a shared 2-core box are worthless), after bench/fidelity.py:
+    .venv/bin/python bench/tradeoff.py --fidelity bench/results/fidelity.json [--trials 0]
+Writes bench/results/tradeoff.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+
+def _rows(paths: list[str]) -> dict[str, list[dict]]:
+    """Rows per image model from bench/fidelity.py result files (later files win for the same method)."""
+    out: dict[str, dict[str, dict]] = {}
+    for path in paths:
+        with open(path) as f:
+            for r in json.load(f)["results"]:
+                if "fp32_accuracy" in r["reference"]:  # the labelled MNIST case: not a zoo model
+                    continue
+                for row in r["rows"]:
+                    out.setdefault(r["model"], {})[row["method"]] = row
+    return {m: list(rows.values()) for m, rows in out.items()}
+
+
+def _compile(graph: str, shape: tuple[int, ...], out_dir: str, trials: int) -> dict:
+    """`slimc compile` of a saved integer graph; its meta.json (latency, quantization, tuning)."""
+    cmd = [sys.executable, "-m", "slimc.cli", "compile", graph, "--input-shape", ",".join(map(str, shape)),
+           "--trials", str(trials), "-o", out_dir]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr.strip()}")
+    with open(os.path.join(out_dir, "meta.json")) as f:
+        return json.load(f)
+
+
+def bench_model(name: str, rows: list[dict], args) -> list[dict]:
+    import torch
+
+    from latency import timed
+    from slimc import evalset, zoo
+    from slimc.ort_quant import ort_session
+
+    module = getattr(zoo, name)()
+    split = evalset.for_model(module, 1, 1)
+    x = split.evaluation.arrays[0][:1]
+    out = []
+    with torch.no_grad():
+        xt = torch.from_numpy(x)
+        out.append({"method": "PyTorch eager fp32", "latency": timed(lambda: module(xt), args)})
+    graphs = [r for r in rows if "graph" in r]
+    onnx_fp32 = os.path.join(os.path.dirname(graphs[0]["graph"]), f"{name}.fp32.onnx") if graphs else None
+    ort_models = [(r, os.path.join(HERE, r["model"])) for r in rows if "model" in r]
+    for row, path in ([({"method": "ORT fp32"}, onnx_fp32)] if onnx_fp32 else []) + ort_models:
+        sess = ort_session(path, args.threads)
+        feed = {sess.get_inputs()[0].name: x}
+        out.append({**_summary(row), "latency": timed(lambda: sess.run(None, feed), args)})
+    for row in graphs:
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", row["method"]).strip("-")
+        meta = _compile(row["graph"], x.shape, os.path.join(args.work, f"{name}-{slug}"), args.trials)
+        q = meta.get("quantization", {})
+        out.append({**_summary(row), "latency": {k: meta["latency"][k] for k in ("median_ms", "p10_ms", "p90_ms")},
+                    "int8_mac_share": q.get("int8_mac_share"), "int16_mac_share": q.get("int16_mac_share"),
+                    "tuning": meta["tuning"]})
+    return out
+
+
+def _summary(row: dict) -> dict:
+    keep = ("method", "top1_agreement", "sqnr_mean_db")
+    return {k: row[k] for k in keep if k in row}
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    lines = [f"{'model':18s} {'method':44s} {'agreement':>9s} {'SQNR':>7s} {'int MACs (u8+u16)':>18s} "
+             f"{'latency':>9s} {'vs ORT int8':>11s}"]
+    lines.append("-" * len(lines[0]))
+    for model, rows in results.items():
+        ort = next((r["latency"]["median_ms"] for r in rows if r["method"] == "ORT int8 minmax"), None)
+        for r in rows:
+            ms = r["latency"]["median_ms"]
+            agree = f"{r['top1_agreement']:.2%}" if "top1_agreement" in r else "-"
+            sqnr = f"{r['sqnr_mean_db']:.1f}" if "sqnr_mean_db" in r else "-"
+            share = (f"{r['int8_mac_share']:.0%}+{r.get('int16_mac_share') or 0:.0%}"
+                     if r.get("int8_mac_share") is not None else "-")
+            rel = f"{ort / ms:.2f}x" if ort else "-"
+            lines.append(f"{model:18s} {r['method'][:44]:44s} {agree:>9s} {sqnr:>7s} {share:>18s} {ms:7.2f}ms {rel:>11s}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--fidelity", default=os.path.join(HERE, "results", "fidelity.json"),
+                   help="bench/fidelity.py result files (comma-separated)")
+    p.add_argument("--trials", type=int, default=0, help="MetaSchedule trials per build (only untuned workloads)")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="ONNX Runtime threads")
+    p.add_argument("--work", default=os.path.join(HERE, "results", "work", "tradeoff"))
+    p.add_argument("--out", default=os.path.join(HERE, "results", "tradeoff.json"))
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--repeat", type=int, default=30)
+    p.add_argument("--number", type=int, default=5)
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.work, exist_ok=True)
+    results = {m: bench_model(m, rows, args) for m, rows in _rows(args.fidelity.split(",")).items()}
+    print(table(results))
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"trials": args.trials, "threads": args.threads, "results": results,
+                   "note": "latency: medians of repeat x number calls, batch 1; 'vs ORT int8' > 1: slimc is faster"},
+                  f, indent=2)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -198,7 +198,6 @@ def _byte_planes(lw: Lowerer, x, padding: tuple[int, ...], zp: int):
 def _wide_acc(lw: Lowerer, n: Node, w: np.ndarray, blocks: tuple[int, int], zp: int, source):
     """int32 accumulator of a uint16-input VNNI conv: x = 256 * hi + lo with u8 bytes, two vpdpbusd convs summed as
     256 * acc(hi) + acc(lo), exact in int32 since the grid keeps qmax * sum|w| below 2^29."""
-    from tvm import relax
     from tvm.relax import op as R
 
     ib = blocks[0]

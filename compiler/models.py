@@ -50,7 +50,7 @@ def load_model(spec: str, input_shapes: Sequence[tuple[int, ...]] | None = None,
             return _from_onnx(spec, input_shapes)
         if low.endswith(".pt2"):
             return _from_pt2(spec)
-        return _from_slimc(spec)
+        return _from_slimc(spec, input_shapes)
     if ":" in spec:
         return _from_module(spec, _callable(spec), input_shapes, dynamic_batch)
     raise FrontendError(f"cannot tell what model {spec!r} is: pass a .onnx, .pt2 or .slimc file, "
@@ -150,8 +150,11 @@ def _from_pt2(path: str) -> LoadedModel:
     return LoadedModel(path, graph, oracle, "PyTorch (.pt2)")
 
 
-def _from_slimc(path: str) -> LoadedModel:
+def _from_slimc(path: str, input_shapes=None) -> LoadedModel:
     from slimc import interpreter, ir
+    from slimc.rewrite import with_input_shapes
 
     graph = ir.load(path)
+    if input_shapes:  # e.g. batch 1 for a graph saved with a symbolic batch
+        graph = with_input_shapes(graph, list(input_shapes))
     return LoadedModel(path, graph, lambda inputs: interpreter.run(graph, list(inputs)), "slimc IR (as saved)")

@@ -213,3 +213,26 @@ def keep_output_names(before: Graph, after: Graph) -> Graph:
             continue
         renames[new] = old
     return rename_values(after, renames)
+
+
+def with_input_shapes(g: Graph, shapes: Sequence[Sequence[int]]) -> Graph:
+    """`g` with its inputs given these static shapes (e.g. batch 1 for a graph saved with a symbolic batch) and every
+    node's output type inferred again; a shape contradicting a fixed dimension is an error naming the input."""
+    from slimc.errors import ShapeError
+
+    if len(shapes) != len(g.inputs):
+        raise ShapeError(f"{g.name} has {len(g.inputs)} input(s), got {len(shapes)} --input-shape value(s)")
+    types = dict(g.param_types)
+    inputs = []
+    for (name, t), shape in zip(g.inputs, shapes):
+        shape = tuple(int(d) for d in shape)
+        if len(shape) != t.rank or any(isinstance(d, int) and d != s for d, s in zip(t.shape, shape)):
+            raise ShapeError(f"input %{name} is {t}; --input-shape {','.join(map(str, shape))} does not fit it")
+        types[name] = TensorType(shape, t.dtype)
+        inputs.append((name, types[name]))
+    nodes = []
+    for n in g.nodes:
+        m = ops.make_node(n.name, n.op, n.inputs, [types[i] for i in n.inputs], n.attrs, n.source)
+        types.update(zip(m.outputs, m.out_types))
+        nodes.append(m)
+    return g.replace(inputs=tuple(inputs), nodes=tuple(nodes))

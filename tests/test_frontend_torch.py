@@ -329,6 +329,23 @@ def test_dynamic_batch_runs_at_batch_1_and_3() -> None:
     assert all(t.shape[0] == "N" for n in g.nodes for t in n.out_types)
 
 
+def test_saved_dynamic_batch_graph_loads_with_static_input_shapes(tmp_path) -> None:
+    """`slimc compile saved.slimc --input-shape ...`: a graph saved with a symbolic batch gets static types."""
+    from slimc.errors import ShapeError
+    from slimc.models import load_model
+
+    block = randomize_norms(ShuffleBlock().eval())
+    g = from_torch(block, (x4(n=1),), dynamic_batch=True)
+    ir.save(g, str(tmp_path / "g.slimc"))
+    s = load_model(str(tmp_path / "g.slimc"), [(3, 4, 8, 8)]).graph
+    assert s.inputs[0][1].shape == (3, 4, 8, 8) and all(t.is_static for n in s.nodes for t in n.out_types)
+    x = x4(n=3).numpy()
+    for a, b in zip(interpreter.run(s, [x]), interpreter.run(g, [x])):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ShapeError, match=r"input %x.*--input-shape 3,5,8,8 does not fit"):
+        load_model(str(tmp_path / "g.slimc"), [(3, 5, 8, 8)])
+
+
 def test_static_batch_is_fixed() -> None:
     g = from_torch(ShuffleBlock().eval(), (x4(n=2),))
     assert g.inputs[0][1].shape == (2, 4, 8, 8)

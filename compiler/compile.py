@@ -101,22 +101,27 @@ def _report_md(meta: dict) -> str:
     return "\n".join(out)
 
 
+#: ops only a quantized graph has
+INTEGER_OPS = ("quantize", "dequantize", "qconv2d", "qdense", "qadd")
+
+
 def quantization_summary(graph, records: Sequence[StepRecord]) -> dict | None:
     """int8 (and int16-activation) share of MACs, quantize/dequantize ops left, float layers, per-layer SQNR: the
     report's proof of real int8 compute."""
     from slimc.passes.quant.fold import int8_mac_share
 
     steps = {r.name.split("{")[0]: r.pass_stats for r in records}
-    if "quantize" not in steps:
+    if "quantize" not in steps and not any(n.op in INTEGER_OPS for n in graph.nodes):
         return None
+    quantize = steps.get("quantize", {})  # absent: the model was quantized before (a saved .slimc)
     counts = {op: sum(1 for n in graph.nodes if n.op == op) for op in ("quantize", "dequantize")}
     return {"int8_mac_share": round(int8_mac_share(graph), 4), "int16_mac_share": round(int8_mac_share(graph, True), 4),
             "quantize_ops": counts["quantize"],
-            "dequantize_ops": counts["dequantize"], "scheme": steps["quantize"].get("scheme"),
+            "dequantize_ops": counts["dequantize"], "scheme": quantize.get("scheme"),
             "float_layers": [n.name for n in graph.nodes if n.op in ("conv2d", "dense")],
             "int16_layers": [n.name for n in graph.nodes if n.op in ("qconv2d", "qdense")
                              and graph.type_of(n.inputs[0]).dtype == "uint16"],
-            "layer_sqnr_db": steps["quantize"].get("layer_sqnr_db", {}), "int8_dot_instructions": None}
+            "layer_sqnr_db": quantize.get("layer_sqnr_db", {}), "int8_dot_instructions": None}
 
 
 def _dot_counts(lib: str, tgt, log) -> dict | None:
@@ -135,7 +140,8 @@ def _quant_lines(q: dict | None) -> list[str]:
         return []
     dots = q.get("int8_dot_instructions")
     lines = ["", "## int8", "",
-             f"- MACs in int8 kernels: {q['int8_mac_share']:.1%}; scheme {q['scheme']}",
+             f"- MACs in int8 kernels: {q['int8_mac_share']:.1%}; scheme "
+             f"{q['scheme'] or 'not known (quantized before this pipeline)'}",
              f"- MACs in integer kernels reading int16 activations: {q.get('int16_mac_share', 0.0):.1%} "
              f"({', '.join(q.get('int16_layers', [])) or 'none'})",
              f"- quantize / dequantize ops left: {q['quantize_ops']} / {q['dequantize_ops']}",

@@ -103,6 +103,12 @@ def test_compile_int8_cli_reports_integer_kernels(tmp_path):
     if resolve("native").int8_dot == "vnni":
         assert q["int8_dot_instructions"]["vpdpbusd"] > 0
     assert "## int8" in (out / "report.md").read_text()
+    again = slimc("compile", str(out / "model.slimc"), "--no-measure", "-o", str(tmp_path / "again"))  # saved int8 IR
+    assert again.returncode == 0, again.stderr
+    q2 = json.loads((tmp_path / "again" / "meta.json").read_text())["quantization"]
+    assert q2["int8_mac_share"] == 1.0 and q2["scheme"] is None and q2["int8_dot_instructions"] == q[
+        "int8_dot_instructions"]
+    assert "quantized before this pipeline" in (tmp_path / "again" / "report.md").read_text()
     missing = slimc("compile", "tiny_models:quant_net", "--int8", "--no-measure", "-o", str(tmp_path / "x"))
     assert missing.returncode != 0 and "--calib" in missing.stderr and not (tmp_path / "x").exists()
 

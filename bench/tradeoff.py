@@ -2,9 +2,9 @@
 
 bench/fidelity.py measures each method's top-1 agreement and logit SQNR on the natural-image crops and saves the
 integer graph of every slimc row (and the ORT int8 model of every ORT row). This script compiles those graphs for
-this machine (`slimc compile GRAPH --input-shape 1,3,H,W --trials N`, its median latency), and times the ORT models,
-ONNX Runtime fp32 and PyTorch eager on one crop, batch 1, in the same run; the table puts each build's latency next
-to its agreement. Run it alone (timings on a shared 2-core box are worthless), after bench/fidelity.py:
+this machine (`slimc compile GRAPH --input-shape 1,3,H,W --trials N`) and times them (`slimc measure`, a fresh
+process each), and times the ORT models, ONNX Runtime fp32 and PyTorch eager on one crop, batch 1, in the same run;
+the table puts each build's latency next to its agreement. Run it alone (timings on a shared 2-core box are worthless), after bench/fidelity.py:
     .venv/bin/python bench/tradeoff.py --fidelity bench/results/fidelity.json [--trials 0]
 Writes bench/results/tradeoff.json.
 """
@@ -35,15 +35,28 @@ def _rows(paths: list[str]) -> dict[str, list[dict]]:
     return {m: list(rows.values()) for m, rows in out.items()}
 
 
-def _compile(graph: str, shape: tuple[int, ...], out_dir: str, trials: int) -> dict:
-    """`slimc compile` of a saved integer graph; its meta.json (latency, quantization, tuning)."""
-    cmd = [sys.executable, "-m", "slimc.cli", "compile", graph, "--input-shape", ",".join(map(str, shape)),
-           "--trials", str(trials), "-o", out_dir]
+def _slimc(*args: str) -> str:
+    """Run the slimc CLI in a fresh process (nothing of this one's thread pools around); its stdout."""
+    cmd = [sys.executable, "-m", "slimc.cli", *args]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr.strip()}")
+    return p.stdout
+
+
+def _compile(graph: str, shape: tuple[int, ...], out_dir: str, trials: int) -> dict:
+    """`slimc compile` of a saved integer graph (not timed); its meta.json (quantization, tuning)."""
+    _slimc("compile", graph, "--input-shape", ",".join(map(str, shape)), "--trials", str(trials), "--no-measure",
+           "-o", out_dir)
     with open(os.path.join(out_dir, "meta.json")) as f:
         return json.load(f)
+
+
+def _measure(out_dir: str, args) -> dict:
+    """`slimc measure --json` of an artifact: its median, p10 and p90 (ms)."""
+    lat = json.loads(_slimc("measure", out_dir, "--json", "--repeat", str(args.repeat), "--number", str(args.number),
+                            "--warmup", str(args.warmup)))
+    return {k: lat[k] for k in ("median_ms", "p10_ms", "p90_ms")}
 
 
 def bench_model(name: str, rows: list[dict], args) -> list[dict]:
@@ -67,13 +80,21 @@ def bench_model(name: str, rows: list[dict], args) -> list[dict]:
         sess = ort_session(path, args.threads)
         feed = {sess.get_inputs()[0].name: x}
         out.append({**_summary(row), "latency": timed(lambda: sess.run(None, feed), args)})
-    for row in graphs:
+        del sess  # its spinning thread pool would share the cores with what is timed next
+    builds = []
+    fp32 = os.path.join(args.work, f"{name}-slimc-fp32")
+    _slimc("compile", f"slimc.zoo:{name}", "--trials", str(args.trials), "--no-measure", "-o", fp32)
+    with open(os.path.join(fp32, "meta.json")) as f:
+        builds.append(({"method": "slimc fp32"}, fp32, json.load(f)))
+    for row in graphs:  # every build first, then every timing: nothing compiles while something is timed
         slug = re.sub(r"[^A-Za-z0-9]+", "-", row["method"]).strip("-")
-        meta = _compile(row["graph"], x.shape, os.path.join(args.work, f"{name}-{slug}"), args.trials)
-        q = meta.get("quantization", {})
-        out.append({**_summary(row), "latency": {k: meta["latency"][k] for k in ("median_ms", "p10_ms", "p90_ms")},
-                    "int8_mac_share": q.get("int8_mac_share"), "int16_mac_share": q.get("int16_mac_share"),
-                    "tuning": meta["tuning"]})
+        out_dir = os.path.join(args.work, f"{name}-{slug}")
+        builds.append((row, out_dir, _compile(row["graph"], x.shape, out_dir, args.trials)))
+    for row, out_dir, meta in builds:
+        q = meta.get("quantization") or {}
+        out.append({**_summary(row), "latency": _measure(out_dir, args), "int8_mac_share": q.get("int8_mac_share"),
+                    "int16_mac_share": q.get("int16_mac_share"), "float_layers": len(q.get("float_layers", [])),
+                    "int8_dot_instructions": q.get("int8_dot_instructions"), "tuning": meta["tuning"]})
     return out
 
 

@@ -16,8 +16,10 @@ Every method is a function `Case -> MethodOutput` (logits on the evaluation inpu
 (default canonicalize,fold-bn,fuse-act), the graph slimc quantizes. A slimc row (SLIMC_PIPELINES) runs its passes
 on that graph with the same calibration crops, then fold-qdq, and the integer graph runs in slimc.interpreter (about
 0.1-0.5 s per 224px crop on 2 cores: a row costs minutes); quant-fallback checks its budget on `n_val` further
-held-out inputs (crops after the evaluation ones; MNIST training digits after the calibration ones), as `--data`. Writes bench/results/fidelity.json; with --merge the rows
-of methods not run now are kept from it (e.g. add slimc rows next to earlier ORT ones).
+held-out inputs (crops after the evaluation ones; MNIST training digits after the calibration ones), as `--data`.
+Writes bench/results/fidelity.json (`--out`); with --merge the rows of methods not run now are kept from it (e.g.
+add slimc rows next to earlier ORT ones). Each slimc row's integer graph and each ORT row's model stay in `--work`
+for bench/tradeoff.py to compile and time.
 """
 
 from __future__ import annotations

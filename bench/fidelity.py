@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="efficientnet_lite0,mobilenet_v2", help="slimc.zoo models (comma-separated)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS + SLIMC_METHODS),
-                   help=f"methods to run (comma-separated), from: {', '.join(METHODS)}")
+                   help=f"methods to run (comma-separated), from: {', '.join(METHODS).replace('%', '%%')}")
     p.add_argument("--n-calib", type=int, default=evalset.N_CALIB, help="calibration inputs per model")
     p.add_argument("--n-eval", type=int, default=evalset.N_EVAL, help="evaluation crops per image model")
     p.add_argument("--n-val", type=int, default=256,

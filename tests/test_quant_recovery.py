@@ -167,3 +167,20 @@ def test_compile_rejects_bad_budget_flags_cleanly(tmp_path, capsys):
     rc = main(["compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out"), "--int8", "--max-drop", "2"])
     err = capsys.readouterr().err
     assert rc != 0 and err.startswith("slimc: error: --max-drop 2.0 is outside [0, 1]") and len(err.splitlines()) == 1
+
+
+def test_prefix_search_finds_the_smallest_meeting_prefix_past_a_known_miss():
+    from slimc.passes.quant.fallback import _smallest_prefix
+
+    for lo, cap in [(0, 1), (0, 7), (0, 64), (5, 9), (59, 76)]:
+        for need in range(lo + 1, cap + 1):  # a monotone budget: prefixes of `need` steps or more meet it
+            tried: list[int] = []
+
+            def attempt(k: int) -> bool:
+                assert lo < k <= cap, (k, lo, cap)  # never re-tries the known miss, never passes the cap
+                tried.append(k)
+                return k >= need
+
+            assert _smallest_prefix(attempt, lo, cap) == need
+            assert len(tried) <= 2 * max(1, (cap - lo).bit_length()) + 1  # doubling, then bisection
+        assert _smallest_prefix(lambda k: False, lo, cap) is None

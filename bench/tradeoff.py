@@ -99,11 +99,13 @@ def bench_model(name: str, rows: list[dict], args) -> list[dict]:
 
 
 def _summary(row: dict) -> dict:
+    """What a fidelity row contributes to its latency row: the method and its accuracy figures."""
     keep = ("method", "top1_agreement", "sqnr_mean_db")
     return {k: row[k] for k in keep if k in row}
 
 
 def table(results: dict[str, list[dict]]) -> str:
+    """One line per build: agreement and SQNR (from bench/fidelity.py) next to its latency here."""
     lines = [f"{'model':18s} {'method':44s} {'agreement':>9s} {'SQNR':>7s} {'int MACs (u8+u16)':>18s} "
              f"{'latency':>9s} {'vs ORT int8':>11s}"]
     lines.append("-" * len(lines[0]))

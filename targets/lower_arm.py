@@ -16,7 +16,7 @@ import numpy as np
 
 from slimc.ir import Node
 from slimc.targets.lower import Lowerer, Val, _spatial_pad
-from slimc.targets.lower_quant import _byte, _lane_padded_input, pack_int8_conv_weight, requantize
+from slimc.targets.lower_quant import _byte, _lane_padded_input, combine_bytes, pack_int8_conv_weight, requantize
 from slimc.targets.schedules import CONV_DOT_BLOCK
 
 DOT_LANES = 4  # s8 products summed into one int32 lane by sdot
@@ -129,11 +129,7 @@ def _sources(lw: Lowerer, n: Node, source) -> list[tuple[object, int]]:
 
 def _combine(lw: Lowerer, accs: list):
     """One plane's accumulator, or 256 * acc(hi) + acc(lo)."""
-    from tvm.relax import op as R
-
-    if len(accs) == 1:
-        return accs[0]
-    return lw.bb.emit(R.add(R.multiply(accs[0], lw.const(np.int32(256))), accs[1]))
+    return accs[0] if len(accs) == 1 else combine_bytes(lw, *accs)
 
 
 def lower_qconv2d(lw: Lowerer, n: Node) -> list[Val]:

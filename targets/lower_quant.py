@@ -198,15 +198,19 @@ def _byte_planes(lw: Lowerer, x, padding: tuple[int, ...], zp: int):
 def _wide_acc(lw: Lowerer, n: Node, w: np.ndarray, blocks: tuple[int, int], zp: int, source):
     """int32 accumulator of a uint16-input VNNI conv: x = 256 * hi + lo with u8 bytes, two vpdpbusd convs summed as
     256 * acc(hi) + acc(lo), exact in int32 since the grid keeps qmax * sum|w| below 2^29."""
-    from tvm.relax import op as R
-
     ib = blocks[0]
     if w.shape[1] % VNNI_IC_LANES:  # channels padded to 4 lanes in NCHW first: the bytes are split there
         hi, _ = _padded_input(lw, n, w, ib, zp >> 8, _byte(lw, source, True))
         lo, w = _padded_input(lw, n, w, ib, zp & 255, _byte(lw, source, False))
     else:
         hi, lo = _byte_planes(lw, source(ib), _conv_attrs(n)[1], zp)
-    acc_hi, acc_lo = _vnni_acc(lw, n, w, blocks, hi), _vnni_acc(lw, n, w, blocks, lo)
+    return combine_bytes(lw, _vnni_acc(lw, n, w, blocks, hi), _vnni_acc(lw, n, w, blocks, lo))
+
+
+def combine_bytes(lw: Lowerer, acc_hi, acc_lo):
+    """256 * acc(hi) + acc(lo): the int32 accumulator of a uint16 input from those of its two byte planes."""
+    from tvm.relax import op as R
+
     return lw.bb.emit(R.add(R.multiply(acc_hi, lw.const(np.int32(256))), acc_lo))
 
 

@@ -169,26 +169,27 @@ def sensitivities(q: Graph, f: Graph, nodes: Sequence[Node], samples: Samples, b
     return {name: round(db, 2) for name, db in sqnr.items()}
 
 
+def _gains(q: Graph, f: Graph, nodes: Sequence[Node], variant: Callable[[str], Graph], samples: Samples,
+           batch_size: int, what: str, log) -> dict[str, float]:
+    """Output SQNR gain (dB, vs `f`) of `variant(name)` over `q` itself, for each node."""
+    ref = run_outputs(f, samples, batch_size)
+    before = sqnr_db(run_outputs(q, samples, batch_size), ref)
+    sqnr = _per_node_sqnr(ref, [n.name for n in nodes], variant, samples, batch_size, what, log)
+    return {name: round(db - before, 3) for name, db in sqnr.items()}
+
+
 def widening_gains(q: Graph, f: Graph, nodes: Sequence[Node], samples: Samples, batch_size: int,
                    ranges: dict[str, tuple[float, float]] | None, log=lambda msg: None) -> dict[str, float]:
     """Output SQNR gain (dB, vs `f`) of widening only one int8 node's activation grids in `q`, for each node: what
     falling back to int16 buys there (a node whose error is its weights' gains nothing)."""
-    ref = run_outputs(f, samples, batch_size)
-    before = sqnr_db(run_outputs(q, samples, batch_size), ref)
-    sqnr = _per_node_sqnr(ref, [n.name for n in nodes], lambda name: widen(q, [name], ranges)[0], samples, batch_size,
-                          "widening gain", log)
-    return {name: round(db - before, 3) for name, db in sqnr.items()}
+    return _gains(q, f, nodes, lambda name: widen(q, [name], ranges)[0], samples, batch_size, "widening gain", log)
 
 
 def float_gains(q: Graph, f: Graph, nodes: Sequence[Node], samples: Samples, batch_size: int,
                 log=lambda msg: None) -> dict[str, float]:
     """Output SQNR gain (dB, vs `f`) of putting only one int8 node of `q` back in float, for each node: where the
     int8 error that wider activation grids cannot remove (its weights') is."""
-    ref = run_outputs(f, samples, batch_size)
-    before = sqnr_db(run_outputs(q, samples, batch_size), ref)
-    sqnr = _per_node_sqnr(ref, [n.name for n in nodes], lambda name: float_fallback(q, f, [name]), samples,
-                          batch_size, "float gain", log)
-    return {name: round(db - before, 3) for name, db in sqnr.items()}
+    return _gains(q, f, nodes, lambda name: float_fallback(q, f, [name]), samples, batch_size, "float gain", log)
 
 
 def _smallest_prefix(attempt: Callable[[int], bool], lo: int, cap: int) -> int | None:

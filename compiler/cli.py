@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "its int8 weights and integer kernel and give the activations it reads a 16-bit grid "
                         "(int16); or int16 first and float for the layers whose int8 weights still miss the budget "
                         "(int16+float)")
+    p.add_argument("--qat", type=int, metavar="EPOCHS",
+                   help="with --int8: fine-tune the int8 model quantization-aware for EPOCHS passes over --data (else --calib) "
+                        "(distill from the float model through fake quantization, straight-through gradients; "
+                        "after any fallback), e.g. --qat 2 --data slimc.evalset:imagenet_training")
     _add_data_args(p)
     p.set_defaults(func=cmd_compile)
 
@@ -272,13 +276,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 #: recovery passes --int8 runs after quantize: GPTQ weight rounding, then bias correction (see bench/fidelity.py for
 #: what each is worth)
 INT8_RECOVERY = ("round-weights", "bias-correct")
+#: --qat EPOCHS: distill on the QDQ graph trains it quantization-aware; Adam at a step well below the int8 weight
+#: grids and plain KL (temperature 1) to the float model, as measured best in bench/fidelity.py
+QAT_DISTILL = "distill{{epochs={epochs},optimizer=adam,lr=1e-5,batch_size=32,temperature=1,alpha=1}}"
 
 
 def backend_pipeline(passes: str, int8: bool, calib_method: str, max_drop: float | None = None,
-                     sqnr_floor: float | None = None, metric: str | None = None, fallback_to: str = "float") -> str:
+                     sqnr_floor: float | None = None, metric: str | None = None, fallback_to: str = "float",
+                     qat: int | None = None) -> str:
     """The pipeline compile runs: --int8 adds calibration, QDQ, GPTQ rounding, bias correction and, given an accuracy
-    budget, fallback (float, or int16 activations) of the most sensitive layers; QDQ is always folded into integer
-    ops."""
+    budget, fallback (float, or int16 activations) of the most sensitive layers, then optional quantization-aware
+    fine-tuning; QDQ is always folded into integer ops."""
     from slimc.errors import SlimcError
 
     budget = []
@@ -305,16 +313,21 @@ def backend_pipeline(passes: str, int8: bool, calib_method: str, max_drop: float
     if budget and not int8:
         raise SlimcError("--max-drop, --sqnr-floor and --metric set the accuracy budget of int8 quantization; "
                          "add --int8 (or drop them)")
+    if qat is not None and (qat < 1 or not int8):
+        raise SlimcError(f"--qat {qat}: fine-tuning is for the --int8 pipeline and takes a number of epochs >= 1 "
+                         "(passes over --data), e.g. --int8 --qat 2")
     names = [p.split("{")[0].strip() for p in passes.split(",") if p.strip()]
     if int8 and "quantize" not in names:
         steps = [f"calibrate{{method={calib_method}}}", "quantize", *INT8_RECOVERY]
         if budget:
             steps.append(f"quant-fallback{{{','.join(budget)}}}")
+        if qat is not None:
+            steps.append(QAT_DISTILL.format(epochs=qat))
         passes = ",".join(filter(None, [passes.strip(), *steps]))
         names += [s.split("{")[0] for s in steps]
-    elif budget:
-        raise SlimcError("--passes already quantizes, so --max-drop/--sqnr-floor/--metric cannot place the fallback: "
-                         "add quant-fallback{max_drop=...} after quantize in --passes instead")
+    elif budget or qat is not None:
+        raise SlimcError("--passes already quantizes, so --max-drop/--sqnr-floor/--metric/--qat cannot place their "
+                         "passes: add quant-fallback{max_drop=...} or distill{...} after quantize in --passes instead")
     if "quantize" in names and "fold-qdq" not in names[names.index("quantize"):]:
         passes += ",fold-qdq"
     return passes
@@ -328,7 +341,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
         raise SlimcError(f"--trials must be >= 0, got {args.trials}")
     args.passes = backend_pipeline(args.passes, args.int8, args.calib_method, args.max_drop, args.sqnr_floor,
-                                   args.metric, args.fallback_to)  # a bad flag fails before TVM loads
+                                   args.metric, args.fallback_to, args.qat)  # a bad flag fails before TVM loads
     from slimc.targets.triple import resolve
 
     from slimc.data import load_data

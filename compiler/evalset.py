@@ -7,7 +7,9 @@ two models with different input scales see the same pixels. Crop i only depends 
 smaller set is a prefix of a larger one; the first `n_calib` crops calibrate, the rest evaluate.
 
 There are only 13 source photos, so calibration and evaluation crops are disjoint arrays of the same scenes;
-the set measures quantization fidelity against fp32 (no labels), not accuracy.
+the set measures quantization fidelity against fp32 (no labels), not accuracy. Training crops (`training`, for
+quantization-aware fine-tuning) are cut from 7 other photos (`slimc.zoo.training_photos`), so what is judged on the
+evaluation crops was never trained on their scenes.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from slimc.errors import SlimcError
 SEED = 0
 N_CALIB = 128
 N_EVAL = 512
+N_TRAIN = 1024
 SCALE = (0.08, 1.0)  # fraction of the photo's area (torchvision RandomResizedCrop defaults)
 RATIO = (3 / 4, 4 / 3)  # width / height
 PREPROCESS = ("imagenet", "lite")  # slimc.zoo.normalize's input scales
@@ -92,16 +95,17 @@ def crop_boxes(n: int, shapes: Sequence[tuple[int, int]], seed: int = SEED) -> l
     return out
 
 
-def crops_rgb(n: int, size: int = 224, seed: int = SEED) -> np.ndarray:
-    """n crops as NHWC RGB float32 in [0, 1], resized (bilinear, antialiased) to size x size."""
+def crops_rgb(n: int, size: int = 224, seed: int = SEED, training: bool = False) -> np.ndarray:
+    """n crops as NHWC RGB float32 in [0, 1], resized (bilinear, antialiased) to size x size; of the training
+    photos (other scenes) if `training`."""
     import torch
     import torch.nn.functional as F
 
-    from slimc.zoo import photos
+    from slimc.zoo import photos, training_photos
 
     if size <= 0:
         raise EvalSetError(f"crop size must be positive, got {size}")
-    pics = photos()
+    pics = training_photos() if training else photos()
     boxes = crop_boxes(n, [p.shape[:2] for p in pics], seed)
     out = np.empty((n, size, size, 3), np.float32)
     for i, b in enumerate(boxes):
@@ -114,13 +118,20 @@ def crops_rgb(n: int, size: int = 224, seed: int = SEED) -> np.ndarray:
     return out
 
 
-def crops(n: int, size: int = 224, preprocess: str = "imagenet", seed: int = SEED) -> np.ndarray:
+def crops(n: int, size: int = 224, preprocess: str = "imagenet", seed: int = SEED,
+          training: bool = False) -> np.ndarray:
     """n crops as NCHW float32 network inputs, scaled per `preprocess` ("imagenet" or "lite", see slimc.zoo)."""
     from slimc.zoo import normalize
 
     if preprocess not in PREPROCESS:
         raise EvalSetError(f"unknown preprocessing {preprocess!r}; slimc.zoo.normalize knows {', '.join(PREPROCESS)}")
-    return np.ascontiguousarray(normalize(crops_rgb(n, size, seed), preprocess).transpose(0, 3, 1, 2))
+    return np.ascontiguousarray(normalize(crops_rgb(n, size, seed, training), preprocess).transpose(0, 3, 1, 2))
+
+
+def training(n: int = N_TRAIN, size: int = 224, preprocess: str = "imagenet", seed: int = SEED) -> ArrayDataset:
+    """n crops of the training photos (scenes disjoint from the calibration/evaluation photos), for fine-tuning."""
+    x = crops(n, size, preprocess, seed, training=True)
+    return ArrayDataset((x,), name=f"train-crops{size}-{preprocess}-seed{seed}[0:{n}]")
 
 
 def split(n_calib: int = N_CALIB, n_eval: int = N_EVAL, *, size: int = 224, preprocess: str = "imagenet",
@@ -163,3 +174,13 @@ def imagenet_evaluation() -> ArrayDataset:
 def lite_evaluation() -> ArrayDataset:
     """Evaluation crops (disjoint from calibration) with EfficientNet-Lite preprocessing, for `slimc compile --eval`."""
     return split(n_eval=N_EVAL, preprocess="lite").evaluation
+
+
+def imagenet_training() -> ArrayDataset:
+    """Training crops (other scenes) with ImageNet preprocessing (`--data slimc.evalset:imagenet_training`)."""
+    return training()
+
+
+def lite_training() -> ArrayDataset:
+    """Training crops (other scenes) with EfficientNet-Lite preprocessing (`--data slimc.evalset:lite_training`)."""
+    return training(preprocess="lite")

@@ -316,18 +316,58 @@ def statistics_params(graph: Graph) -> set[str]:
             if i < len(n.inputs) and graph.is_param(n.inputs[i])}
 
 
-class GraphModule(torch.nn.Module):
-    """A Graph as an nn.Module: weights are Parameters (float) or buffers (integer), forward runs the nodes."""
+#: int8 weights stay on quantize's symmetric grid in fake-quant training (weight_qparams never writes -128)
+WEIGHT_QMIN_INT8 = -127
 
-    def __init__(self, graph: Graph, trainable: bool = False) -> None:
+
+def _ste_round(v: torch.Tensor) -> torch.Tensor:
+    """round-half-even forward, identity gradient (the straight-through estimator)."""
+    return v + (torch.round(v) - v).detach()
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, dtype: torch.dtype,
+                  axis: int) -> torch.Tensor:
+    """quantize's integers as float: same forward, gradient 1 inside the grid and 0 where it saturates."""
+    s, z = _per_axis(scale, x, axis), _per_axis(zero_point, x, axis)
+    lo, hi = _QBOUNDS[dtype]
+    return torch.clamp(_ste_round(x / s) + z.float(), lo, hi)
+
+
+def weight_masters(graph: Graph) -> dict[str, Node]:
+    """Integer weights read by a dequantize (QDQ weights), by value name: fake-quant trains float masters of them."""
+    dtypes = {str(d).removeprefix("torch.") for d in _QBOUNDS}
+    return {n.inputs[0]: n for n in graph.nodes
+            if n.op == "dequantize" and n.inputs[0] in graph.weights and str(graph.weights[n.inputs[0]].dtype) in dtypes}
+
+
+def quant_params(graph: Graph) -> set[str]:
+    """Scales and zero points of quantize/dequantize nodes: fixed by calibration, not trained."""
+    return {v for n in graph.nodes if n.op in ("quantize", "dequantize") for v in n.inputs[1:] if graph.is_param(v)}
+
+
+class GraphModule(torch.nn.Module):
+    """A Graph as an nn.Module: weights are Parameters (float) or buffers (integer), forward runs the nodes.
+
+    With fake_quant (quantization-aware training of a QDQ graph), quantize outputs its integers as float with a
+    straight-through gradient and each integer weight becomes a float master Parameter (initialized to its
+    dequantized value) that is put back on its int8 grid in the forward pass and by to_graph; scales stay fixed.
+    """
+
+    def __init__(self, graph: Graph, trainable: bool = False, fake_quant: bool = False) -> None:
         super().__init__()
         self.graph = graph
+        self.fake_quant = fake_quant
         self._names: dict[str, str] = {}
-        frozen = statistics_params(graph)
+        self._masters = weight_masters(graph) if fake_quant else {}
+        frozen = statistics_params(graph) | (quant_params(graph) if fake_quant else set())
         for i, (name, arr) in enumerate(graph.weights.items()):
             key = f"p{i}"
             self._names[name] = key
-            t = torch.from_numpy(np.ascontiguousarray(arr))
+            t = torch.from_numpy(np.ascontiguousarray(arr)).reshape(np.shape(arr))  # ascontiguousarray makes 0-d 1-d
+            if name in self._masters:
+                dq = self._masters[name]
+                t = KERNELS["dequantize"]([t, *(torch.from_numpy(np.asarray(graph.weights[v])) for v in dq.inputs[1:])],
+                                          dq.attrs)
             if t.is_floating_point():
                 grad = trainable and name not in frozen
                 self.register_parameter(key, torch.nn.Parameter(t.clone(), requires_grad=grad))
@@ -344,13 +384,28 @@ class GraphModule(torch.nn.Module):
         """Parameters by IR value name."""
         return {name: self.tensor(name) for name in self._names}
 
+    def _weight_grid(self, name: str, master: torch.Tensor) -> torch.Tensor:
+        """A float master weight's integers on its grid (the stored weight's dtype), straight-through."""
+        dq = self._masters[name]
+        dtype = _torch_dtype(str(self.graph.weights[name].dtype))
+        q = fake_quantize(master, self.tensor(dq.inputs[1]), self.tensor(dq.inputs[2]), dtype, dq.attrs["axis"])
+        return torch.clamp(q, min=WEIGHT_QMIN_INT8) if dtype == torch.int8 else q
+
+    def _run(self, node: Node, args: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        if self.fake_quant and node.op == "quantize":
+            return (fake_quantize(args[0], args[1], args[2], _torch_dtype(node.out_types[0].dtype),
+                                  node.attrs["axis"]),)
+        if self.fake_quant and node.op == "dequantize" and node.inputs[0] in self._masters:
+            args = [self._weight_grid(node.inputs[0], args[0]), *args[1:]]
+        return run_node(node, args)
+
     def forward(self, *inputs: torch.Tensor, hook: Callable[[Node, tuple[torch.Tensor, ...]], None] | None = None):
         env: dict[str, torch.Tensor] = {name: self.tensor(name) for name in self._names}
         for (name, _), x in zip(self.graph.inputs, inputs):
             env[name] = x
         remaining = _last_uses(self.graph)
         for i, node in enumerate(self.graph.nodes):
-            outs = run_node(node, [env[v] for v in node.inputs])
+            outs = self._run(node, [env[v] for v in node.inputs])
             if hook is not None:
                 hook(node, outs)
             env.update(zip(node.outputs, outs))
@@ -360,8 +415,13 @@ class GraphModule(torch.nn.Module):
         return result[0] if len(result) == 1 else result
 
     def to_graph(self) -> Graph:
-        """The graph with its weights replaced by this module's current parameter values."""
-        weights = {name: self.tensor(name).detach().cpu().numpy().copy() for name in self._names}
+        """The graph with its weights replaced by this module's current values (fake-quant masters re-quantized)."""
+        weights = {}
+        for name in self._names:
+            t = self.tensor(name).detach()
+            if name in self._masters:
+                t = self._weight_grid(name, t).to(_torch_dtype(str(self.graph.weights[name].dtype)))
+            weights[name] = t.cpu().numpy().copy()
         return self.graph.replace(weights=weights)
 
 

@@ -49,20 +49,44 @@ PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "hubble_deep_field", "immu
           "camera", "clock", "coins", "moon")
 
 
+#: scikit-image scenes that none of PHOTOS shows: quantization-aware training learns on these, so the crops that
+#: judge it (cut from PHOTOS) come from scenes it never saw
+TRAINING_PHOTOS = ("stereo_motorcycle", "brick", "grass", "gravel", "cell")
+
+
+def _rgb01(img: np.ndarray) -> np.ndarray:
+    img = np.stack([img] * 3, axis=-1) if img.ndim == 2 else img
+    return img[..., :3].astype(np.float32) / 255.0
+
+
 def photos() -> list[np.ndarray]:
     """Natural photos as HWC RGB float32 in [0, 1]: scikit-image's data set plus scikit-learn's two samples."""
     from skimage import data
 
-    out = []
-    for name in PHOTOS:
-        img = getattr(data, name)()
-        if img.ndim == 2:
-            img = np.stack([img] * 3, axis=-1)
-        out.append(img[..., :3].astype(np.float32) / 255.0)
+    out = [_rgb01(getattr(data, name)()) for name in PHOTOS]
     try:
         from sklearn.datasets import load_sample_images
 
         out += [img.astype(np.float32) / 255.0 for img in load_sample_images().images]
+    except ImportError:
+        pass
+    return out
+
+
+def training_photos() -> list[np.ndarray]:
+    """Photos of other scenes than photos(), HWC RGB float32 in [0, 1]: both stereo_motorcycle views, scikit-image's
+    textures and cell image, and matplotlib's Grace Hopper portrait."""
+    from skimage import data
+
+    out = []
+    for name in TRAINING_PHOTOS:
+        img = getattr(data, name)()
+        out += [_rgb01(i) for i in img[:2]] if name == "stereo_motorcycle" else [_rgb01(img)]
+    try:
+        import matplotlib
+        from skimage import io as skio
+
+        out.append(_rgb01(skio.imread(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg"))))
     except ImportError:
         pass
     return out

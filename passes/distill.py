@@ -6,6 +6,11 @@ mean/variance of its input, so the estimate does not depend on the stale statist
 `distill` trains the graph's parameters through the differentiable interpreter against `PassContext.reference`
 (the graph the pipeline started from) with temperature-scaled KL on the outputs, optional cross-entropy to the
 labels and optional feature matching; batch-norm statistics stay frozen there, so re-estimate them first.
+
+On a QDQ graph (after `quantize`) `distill` is quantization-aware training: the interpreter's fake-quant mode runs
+every quantize as in the int8 model with a straight-through gradient, trains float master copies of the int8
+weights (put back on their fixed per-channel grids at the end, and in each checkpoint) and the biases; the
+calibrated activation grids stay as they are, so `fold-qdq` and every later pass see an ordinary QDQ graph.
 """
 
 from __future__ import annotations
@@ -468,7 +473,7 @@ def distill_graph(graph: Graph, teacher: Graph, ds: Any, cfg: DistillConfig, che
              "config": cfg.to_json()}
     if start >= cfg.epochs:
         return student_graph, {**stats, "history": history}
-    student = GraphModule(student_graph, trainable=True)
+    student = GraphModule(student_graph, trainable=True, fake_quant=is_qdq(student_graph))
     teacher_m = GraphModule(teacher).eval()
     for p in teacher_m.parameters():
         p.requires_grad_(False)
@@ -528,6 +533,11 @@ def distill_graph(graph: Graph, teacher: Graph, ds: Any, cfg: DistillConfig, che
     return student.to_graph(), {**stats, "history": history}
 
 
+def is_qdq(graph: Graph) -> bool:
+    """Whether the graph is a QDQ (quantize-inserted) graph: distill then trains it quantization-aware."""
+    return any(n.op == "quantize" for n in graph.nodes)
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(s.strip().lstrip("%") for s in text.replace(",", ";").split(";") if s.strip())
 
@@ -549,7 +559,8 @@ def _names(text: str) -> tuple[str, ...]:
     progress=opt(bool, True, "print a progress line to stderr"),
 )
 def distill(graph: Graph, ctx: PassContext) -> PassResult:
-    """Knowledge distillation from the pipeline's input model (the teacher) into this graph on --data."""
+    """Knowledge distillation from the pipeline's input model (the teacher) into this graph on --data (quantization-
+    aware on a QDQ graph)."""
     o: Mapping[str, Any] = ctx.options
     if ctx.reference is None:
         raise PipelineError("distill needs the unpruned model as teacher: run it in a PassManager pipeline (which "

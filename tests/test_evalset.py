@@ -79,3 +79,21 @@ def test_clear_errors():
 
     with pytest.raises(EvalSetError, match="slimc_preprocess"):
         evalset.for_model(torch.nn.Conv2d(3, 4, 3))
+
+
+def test_training_crops_come_from_other_scenes():
+    """QAT's training photos share no scene (no downscaled copy either) with the photos the evaluation crops cut."""
+    judged, train = zoo.photos(), zoo.training_photos()
+    assert len(train) == 7 and all(p.ndim == 3 and p.shape[2] == 3 and 0 <= p.min() <= p.max() <= 1 for p in train)
+
+    def thumb(p: np.ndarray) -> np.ndarray:
+        h, w = p.shape[:2]
+        return p[::max(1, h // 16), ::max(1, w // 16)][:16, :16].mean(-1)
+
+    for t in train:
+        assert all(t.shape != p.shape or not np.allclose(thumb(t), thumb(p), atol=0.05) for p in judged)
+    ds = evalset.training(5, 32, "lite", seed=1)
+    x = ds.arrays[0]
+    assert x.shape == (5, 3, 32, 32) and "train" in ds.name
+    assert np.array_equal(x, evalset.crops(5, 32, "lite", seed=1, training=True))
+    assert not np.array_equal(x, evalset.crops(5, 32, "lite", seed=1))

@@ -132,6 +132,26 @@ def test_compile_with_int16_fallback_reports_the_wide_layers(tmp_path):
     assert "reading int16 activations" in (out / "report.md").read_text()
 
 
+def test_compile_with_qat_fine_tunes_the_int8_model_on_data(tmp_path):
+    import json
+
+    from test_backend import slimc
+
+    x = tmp_path / "x.npy"
+    np.save(x, np.random.default_rng(0).standard_normal((32, 3, 32, 32)).astype(np.float32))
+    out = tmp_path / "art"
+    done = slimc("compile", "tiny_models:quant_net", "--int8", "--calib", str(x), "--calib-method", "minmax",
+                 "--qat", "1", "--data", str(x), "--no-measure", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    assert ",bias-correct,distill{epochs=1," in meta["pipeline"] and meta["pipeline"].endswith(",fold-qdq")
+    assert "distill: epoch 1/1" in done.stderr  # progress of the fine-tuning
+    assert meta["quantization"]["int8_mac_share"] == 1.0 and meta["check"]["max_rel"] == 0.0
+    bad = slimc("compile", "tiny_models:quant_net", "--qat", "1", "--data", str(x), "--no-measure",
+                "-o", str(tmp_path / "y"))
+    assert bad.returncode != 0 and "--int8" in bad.stderr and not (tmp_path / "y").exists()
+
+
 def test_pruning_composes_with_int8_in_one_pipeline():
     """prune (rounded to the target's block) -> calibrate -> quantize -> fold-qdq -> build, exact vs the IR."""
     from slimc.data import from_arrays

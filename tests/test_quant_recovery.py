@@ -159,6 +159,13 @@ def test_compile_flags_build_the_int8_pipeline():
             backend_pipeline(base, True, "mse", **kwargs)
     with pytest.raises(SlimcError, match="add --int8"):
         backend_pipeline(base, False, "mse", max_drop=0.02)
+    qat = backend_pipeline(base, True, "mse", max_drop=0.02, fallback_to="int16", qat=2)
+    assert qat.startswith(f"{int8},quant-fallback{{max_drop=0.02,to=int16}},distill{{epochs=2,") \
+        and qat.endswith("},fold-qdq")  # fine-tuning after the fallback decided the grids
+    PassManager(qat)  # parses
+    for flags in [(False, 2), (True, 0)]:
+        with pytest.raises(SlimcError, match="--qat"):
+            backend_pipeline(base, flags[0], "mse", qat=flags[1])
     with pytest.raises(SlimcError, match="already quantizes"):
         backend_pipeline(f"{base},calibrate,quantize", True, "mse", max_drop=0.02)
 

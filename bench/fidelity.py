@@ -195,7 +195,8 @@ def _slimc_int8(passes: str) -> Method:
         info = {"quantize_seconds": seconds, "pipeline": pipeline, "graph": saved,
                 **{k: steps["fold-qdq"][k] for k in ("int8_mac_share", "int16_mac_share")}}
         if "distill" in steps:
-            info["qat"] = {k: steps["distill"][k] for k in ("samples", "steps", "history", "seconds") if k in steps["distill"]}
+            qat = steps["distill"]
+            info["qat"] = {k: qat[k] for k in ("samples", "steps", "history", "seconds") if k in qat}
         if "quant-fallback" in steps:
             fb = steps["quant-fallback"]
             info["fallback"] = {k: fb[k] for k in ("fallback", "float", "to", "met", "before", "after", "budget", "tried")

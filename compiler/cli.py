@@ -111,9 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(int16); or int16 first and float for the layers whose int8 weights still miss the budget "
                         "(int16+float)")
     p.add_argument("--qat", type=int, metavar="EPOCHS",
-                   help="with --int8: fine-tune the int8 model quantization-aware for EPOCHS passes over --data (else --calib) "
-                        "(distill from the float model through fake quantization, straight-through gradients; "
-                        "after any fallback), e.g. --qat 2 --data slimc.evalset:imagenet_training")
+                   help="with --int8: fine-tune the int8 model quantization-aware for EPOCHS passes over --data, else "
+                        "--calib (distill from the float model through fake quantization, straight-through "
+                        "gradients; after any fallback), e.g. --qat 2 --data slimc.evalset:imagenet_training")
     _add_data_args(p)
     p.set_defaults(func=cmd_compile)
 

@@ -337,7 +337,8 @@ def weight_masters(graph: Graph) -> dict[str, Node]:
     """Integer weights read by a dequantize (QDQ weights), by value name: fake-quant trains float masters of them."""
     dtypes = {str(d).removeprefix("torch.") for d in _QBOUNDS}
     return {n.inputs[0]: n for n in graph.nodes
-            if n.op == "dequantize" and n.inputs[0] in graph.weights and str(graph.weights[n.inputs[0]].dtype) in dtypes}
+            if n.op == "dequantize" and n.inputs[0] in graph.weights
+            and str(graph.weights[n.inputs[0]].dtype) in dtypes}
 
 
 def quant_params(graph: Graph) -> set[str]:

@@ -400,10 +400,10 @@ class Checkpoint:
 # ---- the training loop -----------------------------------------------------------------------------------
 
 class _Progress:
-    """One status line on stderr: rewritten per step on a terminal, one line per epoch otherwise."""
+    """A status line per step on stderr when it is a terminal (rewritten in place); epoch lines go to the pass log."""
 
     def __init__(self, enabled: bool, log: Callable[[str], None]) -> None:
-        self.enabled, self.log = enabled, log
+        self.log = log
         self.tty = enabled and sys.stderr.isatty()
         self.t0 = time.perf_counter()
 
@@ -413,11 +413,10 @@ class _Progress:
             sys.stderr.flush()
 
     def epoch(self, text: str) -> None:
-        line = f"{text} {time.perf_counter() - self.t0:.1f} s"
-        if self.enabled:
-            sys.stderr.write(("\r" if self.tty else "") + line + ("\x1b[K\n" if self.tty else "\n"))
+        if self.tty:  # clear the step line: the log (stderr in the CLI) prints the epoch line once
+            sys.stderr.write("\r\x1b[K")
             sys.stderr.flush()
-        self.log(line)
+        self.log(f"{text} {time.perf_counter() - self.t0:.1f} s")
 
 
 def _outputs(out: Any) -> tuple[torch.Tensor, ...]:
@@ -556,7 +555,7 @@ def _names(text: str) -> tuple[str, ...]:
     warmup=opt(float, 0.05, "fraction of the steps spent warming the learning rate up"),
     seed=opt(int, 0, "seed of the data order (epoch e reads in the order of seed+e)"),
     checkpoint=opt(str, "", "save the graph here (.slimc) after every epoch and resume from it when it matches"),
-    progress=opt(bool, True, "print a progress line to stderr"),
+    progress=opt(bool, True, "rewrite a per-step status line on stderr when it is a terminal (epochs go to the log)"),
 )
 def distill(graph: Graph, ctx: PassContext) -> PassResult:
     """Knowledge distillation from the pipeline's input model (the teacher) into this graph on --data (quantization-

@@ -277,7 +277,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 #: what each is worth)
 INT8_RECOVERY = ("round-weights", "bias-correct")
 #: --qat EPOCHS: distill on the QDQ graph trains it quantization-aware; Adam at a step well below the int8 weight
-#: grids and plain KL (temperature 1) to the float model, as measured best in bench/fidelity.py
+#: grids and plain KL (temperature 1) to the float model: faster settings overfit the bundled training crops
+#: (README, the fidelity table's QAT rows)
 QAT_DISTILL = "distill{{epochs={epochs},optimizer=adam,lr=1e-5,batch_size=32,temperature=1,alpha=1}}"
 
 

@@ -35,6 +35,7 @@ from slimc.errors import PipelineError
 from slimc.interpreter import GraphModule, run_node
 from slimc.ir import Graph, Node
 from slimc.pass_manager import PassContext, PassResult, opt, register_pass
+from slimc.passes.quant.fold import INTEGER_OPS
 
 
 def require_data(ctx: PassContext, pass_name: str) -> Any:
@@ -451,6 +452,11 @@ def _run_pair(student: GraphModule, teacher: GraphModule, graph: Graph, batch: B
 def distill_graph(graph: Graph, teacher: Graph, ds: Any, cfg: DistillConfig, checkpoint: str = "",
                   progress: bool = True, log: Callable[[str], None] = lambda m: None) -> tuple[Graph, dict]:
     """Train `graph`'s parameters to match `teacher` on `ds`; returns the trained graph and per-epoch figures."""
+    folded = [n.name for n in graph.nodes if n.op in INTEGER_OPS]
+    if folded:
+        raise PipelineError(f"distill: the graph is already folded into integer ops ({folded[0]}: "
+                            f"{graph.node(folded[0]).op}), which have no gradient; fine-tune the QDQ graph instead, "
+                            "by putting distill between quantize and fold-qdq")
     _check_pair(graph, teacher)
     _check_features(graph, teacher, cfg.features)
     steps_per_epoch = math.ceil(len(ds) / cfg.batch_size)

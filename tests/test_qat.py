@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from slimc import data, interpreter, ir
+from slimc.errors import PipelineError
 from slimc.frontend.torch import from_torch
 from slimc.pass_manager import PassContext, PassManager
 from slimc.passes.distill import is_qdq
@@ -105,3 +106,11 @@ def test_distill_on_a_qdq_graph_trains_int8_weights_on_their_scales(graphs):
     ref = interpreter.run(out, [HELD_OUT])[0]
     got = interpreter.run(folded, [HELD_OUT])[0]
     assert np.abs(ref - got).max() <= 0.05 * np.abs(ref).max()
+
+
+def test_distill_refuses_a_graph_already_folded_into_integer_ops(graphs):
+    g, q = graphs
+    folded, _ = PassManager("fold-qdq").run(q)
+    ctx = PassContext(data=data.from_arrays([TRAIN]), reference=g, log=lambda m: None)
+    with pytest.raises(PipelineError, match="between quantize and fold-qdq"):
+        PassManager("distill{progress=false}", context=ctx).run(folded)

@@ -16,7 +16,8 @@ import numpy as np
 
 from slimc.ir import Node
 from slimc.targets.lower import Lowerer, Val, _spatial_pad
-from slimc.targets.lower_quant import _byte, _lane_padded_input, combine_bytes, pack_int8_conv_weight, requantize
+from slimc.targets.lower_quant import (_byte, _lane_padded_input, byte_planes, combine_bytes, pack_int8_conv_weight,
+                                      requantize)
 from slimc.targets.schedules import CONV_DOT_BLOCK
 
 DOT_LANES = 4  # s8 products summed into one int32 lane by sdot
@@ -108,10 +109,10 @@ def _padded_outputs(w: np.ndarray, bias: np.ndarray, scale: np.ndarray, ob: int)
     return np.pad(w, widths), np.pad(bias, (0, extra)), np.pad(scale, (0, extra), constant_values=1.0)
 
 
-def _dot_conv(lw: Lowerer, x, w: np.ndarray, ib: int, ob: int, stride, dilation):
-    """The packed sdot conv on NCHW[ib]c s8 data: the int32 accumulator in NCHW[ob]c."""
-    return lw.bb.emit_te(conv2d_nchwc_dot_te, x, lw.const(pack_int8_conv_weight(w, ib, ob)), tuple(stride),
-                         tuple(dilation), "int32", primfunc_name_hint=CONV_DOT_BLOCK)
+def _dot_conv(lw: Lowerer, x, packed, stride, dilation):
+    """The sdot conv of NCHW[ib]c s8 data with a packed weight constant: the int32 accumulator in NCHW[ob]c."""
+    return lw.bb.emit_te(conv2d_nchwc_dot_te, x, packed, tuple(stride), tuple(dilation), "int32",
+                         primfunc_name_hint=CONV_DOT_BLOCK)
 
 
 def _wide(lw: Lowerer, n: Node) -> bool:
@@ -134,20 +135,27 @@ def _combine(lw: Lowerer, accs: list):
 
 def lower_qconv2d(lw: Lowerer, n: Node) -> list[Val]:
     """qconv2d as shift -> pad -> sdot conv -> requantize, staying in NCHW[ob]c unless channels were padded (a
-    uint16 input: one such conv per byte plane)."""
+    uint16 input: one such conv per byte plane, both planes shifted and padded by one kernel where the channels
+    need no lane padding)."""
     from tvm.relax import op as R
 
     g = lw.graph
     a = n.attrs
-    w0 = g.weight(n.inputs[1])
-    cout, cin = w0.shape[0], g.type_of(n.inputs[0]).shape[1]
+    w = g.weight(n.inputs[1])
+    cout, cin = w.shape[0], g.type_of(n.inputs[0]).shape[1]
     ib, ob = dot_blocks(cin, cout)
-    accs = []
-    for source, zp in _sources(lw, n, lambda block: lw.expr(n.inputs[0], block)):
-        x, w = _lane_padded_input(lw, n, w0, ib, float(zp), source)
-        x = _spatial_pad(lw, _to_s8(lw, x), a["padding"], 5, float(zp - S8_SHIFT))
-        w, bias, scale = _padded_outputs(w, g.weight(n.inputs[2]), g.weight(n.inputs[3]), ob)
-        accs.append(_dot_conv(lw, x, w, ib, ob, a["stride"], a["dilation"]))
+    if _wide(lw, n) and not cin % DOT_LANES:
+        planes = list(byte_planes(lw, lw.expr(n.inputs[0], ib), tuple(a["padding"]), int(a["x_zero_point"]),
+                                  S8_SHIFT))
+    else:
+        planes = []
+        for source, zp in _sources(lw, n, lambda block: lw.expr(n.inputs[0], block)):
+            x, padded = _lane_padded_input(lw, n, w, ib, float(zp), source)
+            planes.append(_spatial_pad(lw, _to_s8(lw, x), a["padding"], 5, float(zp - S8_SHIFT)))
+        w = padded
+    w, bias, scale = _padded_outputs(w, g.weight(n.inputs[2]), g.weight(n.inputs[3]), ob)
+    packed = lw.const(pack_int8_conv_weight(w, ib, ob))
+    accs = [_dot_conv(lw, x, packed, a["stride"], a["dilation"]) for x in planes]
     y = requantize(lw, _combine(lw, accs), n, scale, ob, dot_bias(bias, w, WIDE_SHIFT if _wide(lw, n) else S8_SHIFT))
     if w.shape[0] == cout:
         return [Val(y, ob)]
@@ -166,6 +174,7 @@ def lower_qdense(lw: Lowerer, n: Node) -> list[Val]:
     extra = -k % DOT_LANES  # zero weights over the padded inputs: the pad value adds nothing
     w, bias, scale = _padded_outputs(np.pad(w0, ((0, 0), (0, extra))), g.weight(n.inputs[2]), g.weight(n.inputs[3]),
                                      ob)
+    packed = lw.const(pack_int8_conv_weight(w[:, :, None, None], ib, ob))
     accs = []
     for source, zp in _sources(lw, n, lambda block: lw.expr(n.inputs[0])):
         x = source(0)
@@ -173,7 +182,7 @@ def lower_qdense(lw: Lowerer, n: Node) -> list[Val]:
             x = lw.bb.emit(R.nn.pad(x, [0, 0, 0, extra], "constant", float(zp)))
         x = lw.bb.emit(R.reshape(_to_s8(lw, x), (rows, (k + extra) // ib, ib)))
         x = lw.bb.emit(R.reshape(R.permute_dims(x, [1, 0, 2]), (1, (k + extra) // ib, 1, rows, ib)))
-        accs.append(_dot_conv(lw, x, w[:, :, None, None], ib, ob, (1, 1), (1, 1)))
+        accs.append(_dot_conv(lw, x, packed, (1, 1), (1, 1)))
     y = requantize(lw, _combine(lw, accs), n, scale, ob,  # [1, O/ob, 1, N, ob]
                    dot_bias(bias, w, WIDE_SHIFT if _wide(lw, n) else S8_SHIFT))
     y = lw.bb.emit(R.reshape(y, (w.shape[0] // ob, rows, ob)))

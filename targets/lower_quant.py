@@ -156,22 +156,27 @@ def _byte(lw: Lowerer, source, high: bool):
     return part
 
 
-def _byte_planes_te(x, padding: tuple[int, ...], zp: int):
-    """NCHW[b]c uint16 -> its high and low bytes as two uint8 tensors, spatially padded with the zero point's
-    bytes: one pass over the input, one kernel (a compute with two outputs)."""
+def _byte_planes_te(x, padding: tuple[int, ...], zp: int, shift: int = 0):
+    """NCHW[b]c uint16 -> its high and low bytes as two tensors, spatially padded with the zero point's bytes: one
+    pass over the input, one kernel (a compute with two outputs). uint8 bytes, or with `shift` int8 bytes - shift
+    (AArch64's sdot reads s8)."""
     from tvm import te, tirx
 
     top, left, bottom, right = padding
     n, c, h, w, b = x.shape
+    dtype = "int8" if shift else "uint8"
+
+    def byte(v):
+        return (v.astype("int16") - shift).astype(dtype) if shift else v.astype(dtype)
 
     def planes(i, j, y, z, k):
         if not any(padding):
             v = x[i, j, y, z, k]
-            return [(v >> 8).astype("uint8"), (v & 255).astype("uint8")]
+            return [byte(v >> 8), byte(v & 255)]
         inside = tirx.all(y >= top, y < h + top, z >= left, z < w + left)
         v = x[i, j, y - top, z - left, k]
-        return [tirx.if_then_else(inside, (v >> 8).astype("uint8"), tirx.const(zp >> 8, "uint8")),
-                tirx.if_then_else(inside, (v & 255).astype("uint8"), tirx.const(zp & 255, "uint8"))]
+        return [tirx.if_then_else(inside, byte(v >> 8), tirx.const((zp >> 8) - shift, dtype)),
+                tirx.if_then_else(inside, byte(v & 255), tirx.const((zp & 255) - shift, dtype))]
 
     return te.compute((n, c, h + top + bottom, w + left + right, b), planes, name="byte_planes")
 
@@ -181,16 +186,16 @@ def _byte_planes_te(x, padding: tuple[int, ...], zp: int):
 OPAQUE = 8
 
 
-def _byte_planes(lw: Lowerer, x, padding: tuple[int, ...], zp: int):
-    """The two padded byte planes of the uint16 value `x` (NCHW[b]c) from one kernel of their own."""
+def byte_planes(lw: Lowerer, x, padding: tuple[int, ...], zp: int, shift: int = 0):
+    """The two padded byte planes of the uint16 value `x` (NCHW[b]c) from one kernel of their own (`_byte_planes_te`)."""
     from tvm import relax, te
 
     shape = [int(d) for d in x.ty.shape]
     data = te.placeholder(shape, "uint16", name="x")
-    hi, lo = _byte_planes_te(data, padding, zp)
+    hi, lo = _byte_planes_te(data, padding, zp, shift)
     func = te.create_prim_func([data, hi, lo]).without_attr("global_symbol").with_attr("op_pattern", OPAQUE)
     gv = lw.bb.add_func(func, "byte_planes")
-    out = relax.TensorType([int(d) for d in hi.shape], "uint8")
+    out = relax.TensorType([int(d) for d in hi.shape], hi.dtype)
     planes = lw.bb.emit(relax.call_tir(gv, [x], [out, out]))
     return tuple(lw.bb.emit(relax.TupleGetItem(planes, i)) for i in (0, 1))
 
@@ -203,7 +208,7 @@ def _wide_acc(lw: Lowerer, n: Node, w: np.ndarray, blocks: tuple[int, int], zp: 
         hi, _ = _padded_input(lw, n, w, ib, zp >> 8, _byte(lw, source, True))
         lo, w = _padded_input(lw, n, w, ib, zp & 255, _byte(lw, source, False))
     else:
-        hi, lo = _byte_planes(lw, source(ib), _conv_attrs(n)[1], zp)
+        hi, lo = byte_planes(lw, source(ib), _conv_attrs(n)[1], zp)
     return combine_bytes(lw, _vnni_acc(lw, n, w, blocks, hi), _vnni_acc(lw, n, w, blocks, lo))
 
 

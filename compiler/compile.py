@@ -101,17 +101,13 @@ def _report_md(meta: dict) -> str:
     return "\n".join(out)
 
 
-#: ops only a quantized graph has
-INTEGER_OPS = ("quantize", "dequantize", "qconv2d", "qdense", "qadd")
-
-
 def quantization_summary(graph, records: Sequence[StepRecord]) -> dict | None:
     """int8 (and int16-activation) share of MACs, quantize/dequantize ops left, float layers, per-layer SQNR: the
     report's proof of real int8 compute."""
-    from slimc.passes.quant.fold import int8_mac_share
+    from slimc.passes.quant.fold import INTEGER_OPS, int8_mac_share
 
     steps = {r.name.split("{")[0]: r.pass_stats for r in records}
-    if "quantize" not in steps and not any(n.op in INTEGER_OPS for n in graph.nodes):
+    if "quantize" not in steps and not any(n.op in ("quantize", "dequantize", *INTEGER_OPS) for n in graph.nodes):
         return None
     quantize = steps.get("quantize", {})  # absent: the model was quantized before (a saved .slimc)
     counts = {op: sum(1 for n in graph.nodes if n.op == op) for op in ("quantize", "dequantize")}

@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--number", type=int, default=10, help="calls averaged per repeat (default 10)")
     p.add_argument("--warmup", type=int, default=10, help="untimed calls first (default 10)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--profile", action="store_true",
+                   help="also time every kernel call of one inference alone and list where the time goes (local only)")
     p.set_defaults(func=cmd_measure)
 
     p = sub.add_parser("verify", help="rerun a compiled artifact (here or under qemu-aarch64) and compare with the IR",
@@ -363,6 +365,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def cmd_measure(args: argparse.Namespace) -> int:
     from slimc import compile as slimc_compile
 
+    if args.profile:
+        prof = slimc_compile.profile_artifact(args.artifact, rpc=args.rpc, repeat=args.repeat, number=args.number,
+                                              warmup=args.warmup)
+        print(json.dumps(prof.to_json(), indent=2) if args.json else "\n".join([f"{args.artifact}:", *prof.lines()]))
+        return 0
     lat = slimc_compile.measure_artifact(args.artifact, rpc=args.rpc, key=args.key, repeat=args.repeat,
                                          number=args.number, warmup=args.warmup)
     print(json.dumps(lat.to_json(), indent=2) if args.json else f"{args.artifact}: {lat}")

@@ -274,16 +274,37 @@ def _rewrite_meta(out_dir: str, meta: dict) -> None:
         os.replace(tmp, os.path.join(out_dir, name))
 
 
+def _check_inputs(path: str) -> list[np.ndarray]:
+    """The sample inputs an artifact was checked with (its check.npz), to time it on real data."""
+    from slimc import runtime
+
+    meta = runtime.read_meta(path)
+    sample = np.load(os.path.join(path, CHECK_NAME))
+    return [sample[f"input{i}"] for i in range(len(meta["inputs"]))]
+
+
 def measure_artifact(path: str, *, rpc: str | None, key: str | None, repeat: int, number: int, warmup: int):
     """Latency of an artifact on this machine or, with `rpc`, on a board reserved from the tracker."""
     from slimc import runtime
     from slimc.targets.measure import MeasureError, measure_local, measure_rpc
 
-    meta = runtime.read_meta(path)
-    sample = np.load(os.path.join(path, CHECK_NAME))
-    inputs = [sample[f"input{i}"] for i in range(len(meta["inputs"]))]
+    inputs = _check_inputs(path)
     if rpc:
         if not key:
             raise MeasureError("--rpc needs --key (the device key the board registered with the tracker)")
         return measure_rpc(path, inputs, rpc, key, number=number, repeat=repeat, warmup=warmup)
     return measure_local(runtime.load(path), inputs, number=number, repeat=repeat, warmup=warmup)
+
+
+def profile_artifact(path: str, *, rpc: str | None, repeat: int, number: int, warmup: int):
+    """Per-kernel profile of an artifact on this machine (slimc.targets.profile)."""
+    from slimc import runtime
+    from slimc.targets.measure import MeasureError
+    from slimc.targets.profile import profile_local
+
+    if rpc:
+        raise MeasureError("--profile runs here only: TVM's RPC session cannot instrument the remote VM's calls; "
+                           "profile it on a machine of its architecture that has slimc and TVM, or drop --profile "
+                           "to time it end to end through the tracker")
+    inputs = _check_inputs(path)
+    return profile_local(runtime.load(path), inputs, number=number, repeat=repeat, warmup=warmup)

@@ -167,6 +167,42 @@ def test_measure_local(artifact):
     assert lat["where"] == "local" and lat["repeats"] == 5 and lat["p10_ms"] <= lat["median_ms"] <= lat["p90_ms"]
 
 
+def test_measure_profile_times_every_kernel_call_of_an_inference(artifact):
+    p = slimc("measure", artifact, "--profile", "--json", "--repeat", "3", "--number", "2")
+    assert p.returncode == 0, p.stderr
+    prof = json.loads(p.stdout)
+    kernels = prof["kernels"]
+    assert [k["index"] for k in kernels] == list(range(len(kernels))) and all(k["median_us"] > 0 for k in kernels)
+    assert {k["kind"] for k in kernels} >= {"conv", "dense"} and prof["runtime_calls"] > 0
+    assert sum(r["calls"] for r in prof["by_kind"]) == len(kernels)
+    assert abs(sum(r["ms"] for r in prof["by_kind"]) - prof["kernel_ms"]) < 1e-9 and prof["end_to_end"]["median_ms"] > 0
+    text = slimc("measure", artifact, "--profile", "--repeat", "3", "--number", "2")
+    assert text.returncode == 0 and "slowest" in text.stdout and "end to end" in text.stdout
+    bad = slimc("measure", artifact, "--profile", "--rpc", "127.0.0.1:9", "--key", "k")
+    assert bad.returncode != 0 and "--profile" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_recorded_kernel_calls_replay_the_inference(artifact):
+    """The profile times each kernel on copies of the values it got in a real inference: replayed in order, the last
+    one writes the model's output."""
+    import tvm
+
+    from slimc import runtime
+    from slimc.targets.profile import kernel_kind, record_calls
+
+    model = runtime.load(artifact)
+    x = np.random.default_rng(0).standard_normal(model.meta["inputs"][0]["shape"]).astype(np.float32)
+    calls, builtins = record_calls(model, [x])
+    assert calls and builtins > 0
+    lib = tvm.runtime.load_module(os.path.join(artifact, "model.so"))
+    for symbol, args in calls:
+        lib.get_function(symbol, query_imports=True)(*args)
+    np.testing.assert_allclose(calls[-1][1][-1].numpy(), model.run(x)[0], rtol=1e-6, atol=1e-6)
+    assert kernel_kind("fused_conv2d_NCHWc_int83_add5_cast5_multiply2") == "int8 conv (VNNI)"
+    assert kernel_kind("fused_divide_tir_round_add_tir_clip_cast_pad") == "elementwise"
+    assert kernel_kind("te_layout_transform2") == "layout transform" and kernel_kind("pad4") == "pad"
+
+
 def test_measure_through_rpc_tracker_on_loopback(artifact):
     from tvm.rpc.server import Server
     from tvm.rpc.tracker import Tracker

@@ -103,6 +103,10 @@ def test_compile_int8_cli_reports_integer_kernels(tmp_path):
     if resolve("native").int8_dot == "vnni":
         assert q["int8_dot_instructions"]["vpdpbusd"] > 0
     assert "## int8" in (out / "report.md").read_text()
+    prof = slimc("measure", str(out), "--profile", "--json", "--repeat", "3", "--number", "2")
+    assert prof.returncode == 0, prof.stderr
+    kinds = {k["kind"] for k in json.loads(prof.stdout)["kernels"]}
+    assert ("int8 conv (VNNI)" in kinds) == (resolve("native").int8_dot == "vnni") and "conv" not in kinds
     again = slimc("compile", str(out / "model.slimc"), "--no-measure", "-o", str(tmp_path / "again"))  # saved int8 IR
     assert again.returncode == 0, again.stderr
     q2 = json.loads((tmp_path / "again" / "meta.json").read_text())["quantization"]

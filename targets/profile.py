@@ -1,0 +1,167 @@
+"""Per-kernel profile of a built artifact: which TVM kernels the model runs, and where its time goes.
+
+One inference runs with a VM instrument that records every kernel call (its symbol and a copy of its arguments);
+each call is then timed on its own through the library's time evaluator, like TVM's debug executor did. The sum
+of the kernels is compared with the end-to-end latency: the difference is the VM's own work (allocation, calls)
+and the cache effects of running kernels back to back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from slimc.targets.measure import Latency, MeasureError, measure_local
+
+#: (kind, substring of the kernel symbol), first match wins; symbols are TVM's fused-function names
+KINDS: tuple[tuple[str, str], ...] = (
+    ("int8 conv (VNNI)", "conv2d_NCHWc_int8"),
+    ("int8 conv (dot)", "conv2d_nchwc_dot"),
+    ("depthwise conv", "depthwise_conv2d"),
+    ("conv", "conv2d"),
+    ("dense", "matmul"),
+    ("dense", "dense"),
+    ("pool", "pool"),
+    ("pool", "mean"),
+    ("byte planes", "byte_planes"),
+)
+#: kinds of kernels that only move data, when the symbol starts with them (a fused name may end in one)
+MOVES: tuple[tuple[str, str], ...] = (("layout transform", "te_layout_transform"), ("layout transform", "layout_transform"),
+                                      ("pad", "pad"))
+
+
+def kernel_kind(symbol: str) -> str:
+    """A coarse kind of a kernel from its symbol: the op it computes, or elementwise (quantize, add, requantize)."""
+    for kind, key in KINDS:
+        if key in symbol:
+            return kind
+    bare = symbol.removeprefix("fused_")
+    for kind, key in MOVES:
+        if bare.startswith(key):
+            return kind
+    return "elementwise"
+
+
+@dataclass(frozen=True)
+class KernelTime:
+    """One kernel call of an inference, in call order, timed alone (median over the timed repeats)."""
+
+    index: int
+    symbol: str
+    kind: str
+    output: str  # shape and dtype of its last tensor argument (TVM kernels write their output there)
+    median_us: float
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Every kernel call of one inference and the end-to-end latency measured in the same process."""
+
+    kernels: tuple[KernelTime, ...]
+    end_to_end: Latency
+    runtime_calls: int  # VM builtins (allocation, shape checks), not timed one by one
+
+    @property
+    def kernel_ms(self) -> float:
+        return sum(k.median_us for k in self.kernels) / 1e3
+
+    def by_kind(self) -> list[tuple[str, int, float]]:
+        """(kind, kernel calls, total ms), slowest kind first."""
+        acc: dict[str, list[float]] = {}
+        for k in self.kernels:
+            acc.setdefault(k.kind, []).append(k.median_us)
+        return sorted(((kind, len(v), sum(v) / 1e3) for kind, v in acc.items()), key=lambda r: -r[2])
+
+    def to_json(self) -> dict:
+        return {"end_to_end": self.end_to_end.to_json(), "kernel_ms": self.kernel_ms,
+                "runtime_calls": self.runtime_calls,
+                "by_kind": [{"kind": k, "calls": n, "ms": ms} for k, n, ms in self.by_kind()],
+                "kernels": [asdict(k) for k in self.kernels]}
+
+    def lines(self, top: int = 15) -> list[str]:
+        from slimc.report import table
+
+        total, e2e = self.kernel_ms, self.end_to_end.median_ms
+        out = [f"{len(self.kernels)} kernel calls, {total:.3f} ms timed one by one; end to end {e2e:.3f} ms median "
+               f"({self.end_to_end.threads} threads; the difference, {e2e - total:+.3f} ms, is the VM's "
+               f"{self.runtime_calls} runtime calls and running kernels back to back)", ""]
+        share = (lambda ms: f"{100 * ms / total:.1f} %") if total > 0 else (lambda ms: "-")
+        out.append(table(["kind", "calls", "ms", "share"],
+                         [[k, str(n), f"{ms:.3f}", share(ms)] for k, n, ms in self.by_kind()],
+                         right=[False, True, True, True]))
+        slow = sorted(self.kernels, key=lambda k: -k.median_us)[:top]
+        out += ["", f"slowest {len(slow)} kernel calls (# is the call order):",
+                table(["#", "kernel", "kind", "output", "us", "share"],
+                      [[str(k.index), _short(k.symbol), k.kind, k.output, f"{k.median_us:.1f}",
+                        share(k.median_us / 1e3)] for k in slow],
+                      right=[True, False, False, False, True, True])]
+        return out
+
+
+def _short(symbol: str, width: int = 56) -> str:
+    return symbol if len(symbol) <= width else symbol[:width - 3] + "..."
+
+
+def _describe(t) -> str:
+    return f"{'x'.join(str(int(d)) for d in t.shape)} {t.dtype}"
+
+
+def _kernel_module(lib, symbol: str):
+    """The module among `lib` and its imports that defines `symbol` (the compiled kernels live in an import)."""
+    for m in (lib, *lib.imports):
+        if m.implements_function(symbol):
+            return m
+    return None
+
+
+def record_calls(model, inputs: Sequence[np.ndarray]) -> tuple[list[tuple[str, list]], int]:
+    """Run one inference with a VM instrument: (symbol, copied arguments) of every call, and the builtin count."""
+    import tvm
+
+    calls: list[tuple[str, list]] = []
+    builtins = 0
+
+    def copy(a):
+        return tvm.runtime.tensor(a.numpy(), model.device) if isinstance(a, tvm.runtime.Tensor) else a
+
+    def instrument(func, symbol, before_run, ret_value, *args):
+        nonlocal builtins
+        if before_run:
+            if str(symbol).startswith("vm.builtin."):
+                builtins += 1
+            else:
+                calls.append((str(symbol), [copy(a) for a in args]))
+        return 0  # VMInstrumentReturnKind.NO_OP: run the call as usual
+
+    tensors = model._tensors(inputs)
+    model.vm.set_instrument(instrument)
+    try:
+        model.vm["main"](*tensors)
+    finally:
+        model.vm.set_instrument(None)
+    return calls, builtins
+
+
+def profile_local(model, inputs: Sequence[np.ndarray], *, number: int = 10, repeat: int = 30,
+                  warmup: int = 10) -> Profile:
+    """Profile a loaded artifact (slimc.runtime.CompiledModel) on this machine."""
+    import tvm
+
+    lib = tvm.runtime.load_module(f"{model.path}/model.so")
+    e2e = measure_local(model, inputs, number=number, repeat=repeat, warmup=warmup)  # before any instrument is set
+    calls, builtins = record_calls(model, inputs)
+    kernels = []
+    for i, (symbol, args) in enumerate(calls):
+        mod = _kernel_module(lib, symbol)
+        if mod is None:
+            raise MeasureError(f"kernel {symbol} (call {i}) is not in {model.path}/model.so; rebuild the artifact "
+                               "with `slimc compile`")
+        timer = mod.time_evaluator(symbol, model.device, number=number, repeat=max(1, repeat // 3))
+        for _ in range(max(1, warmup // 5)):
+            mod[symbol](*args)
+        tensors = [a for a in args if isinstance(a, tvm.runtime.Tensor)]
+        us = float(np.median(timer(*args).results)) * 1e6
+        kernels.append(KernelTime(i, symbol, kernel_kind(symbol), _describe(tensors[-1]) if tensors else "-", us))
+    return Profile(tuple(kernels), e2e, builtins)

@@ -385,6 +385,19 @@ class GraphModule(torch.nn.Module):
         """Parameters by IR value name."""
         return {name: self.tensor(name) for name in self._names}
 
+    def masters(self) -> dict[str, torch.Tensor]:
+        """Copies of the fake-quant float master weights by value name: what `to_graph` rounds, kept to resume."""
+        return {name: self.tensor(name).detach().clone() for name in self._masters}
+
+    def load_masters(self, masters: Mapping[str, torch.Tensor]) -> None:
+        """Set the float master weights (from `masters()`), sub-step fractions included."""
+        if set(masters) != set(self._masters):
+            odd = sorted(set(masters) ^ set(self._masters))[:3]
+            raise IRError(f"graph {self.graph.name}: master weights for {odd} do not match its QDQ weights")
+        with torch.no_grad():
+            for name, t in masters.items():
+                self.tensor(name).copy_(t)
+
     def _weight_grid(self, name: str, master: torch.Tensor) -> torch.Tensor:
         """A float master weight's integers on its grid (the stored weight's dtype), straight-through."""
         dq = self._masters[name]

@@ -336,7 +336,8 @@ def _file_digest(path: str) -> str:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """`PATH` (the student graph, a .slimc file), `PATH.state.pt` (optimizer, adapters), `PATH.json` (epoch, key)."""
+    """`PATH` (the student graph, a .slimc file), `PATH.state.pt` (optimizer, adapters, QAT float masters),
+    `PATH.json` (epoch, key)."""
 
     path: str
     key: str
@@ -372,7 +373,9 @@ class Checkpoint:
                 raise PipelineError(f"distill: checkpoint file {p} is missing or does not match {self.meta_path} (an "
                                     f"interrupted save?); delete {self.path}* to start over")
         saved = ir.load(self.path)
-        if saved != graph or set(saved.weights) != set(graph.weights):
+        # calibrated ranges do not count: new weights drop those they may have changed (a QDQ graph keeps some)
+        if saved.replace(calibration={}) != graph.replace(calibration={}) \
+                or set(saved.weights) != set(graph.weights):
             raise PipelineError(f"distill: checkpoint {self.path} holds a different graph structure; delete it")
         state = torch.load(self.state_path, map_location="cpu", weights_only=True)
         # the input graph's weight order: the optimizer state refers to parameters by position
@@ -479,6 +482,8 @@ def distill_graph(graph: Graph, teacher: Graph, ds: Any, cfg: DistillConfig, che
     if start >= cfg.epochs:
         return student_graph, {**stats, "history": history}
     student = GraphModule(student_graph, trainable=True, fake_quant=is_qdq(student_graph))
+    if state and state.get("masters"):  # QAT: the masters' fractions below one int8 step, which the graph rounds off
+        student.load_masters(state["masters"])
     teacher_m = GraphModule(teacher).eval()
     for p in teacher_m.parameters():
         p.requires_grad_(False)
@@ -533,7 +538,7 @@ def distill_graph(graph: Graph, teacher: Graph, ds: Any, cfg: DistillConfig, che
                   f"lr {lr_now:.2e}")
         if ckpt is not None:
             ckpt.save(epoch + 1, student.to_graph(), {
-                "optimizer": optimizer.state_dict(), "history": history,
+                "optimizer": optimizer.state_dict(), "history": history, "masters": student.masters(),
                 "adapters": {k: (None if a is None else a.detach().clone()) for k, a in adapters.items()}})
     return student.to_graph(), {**stats, "history": history}
 

@@ -28,8 +28,8 @@ KINDS: tuple[tuple[str, str], ...] = (
     ("byte planes", "byte_planes"),
 )
 #: kinds of kernels that only move data, when the symbol starts with them (a fused name may end in one)
-MOVES: tuple[tuple[str, str], ...] = (("layout transform", "te_layout_transform"), ("layout transform", "layout_transform"),
-                                      ("pad", "pad"))
+MOVES: tuple[tuple[str, str], ...] = (("layout transform", "te_layout_transform"),
+                                      ("layout transform", "layout_transform"), ("pad", "pad"))
 
 
 def kernel_kind(symbol: str) -> str:

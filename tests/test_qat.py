@@ -114,3 +114,32 @@ def test_distill_refuses_a_graph_already_folded_into_integer_ops(graphs):
     ctx = PassContext(data=data.from_arrays([TRAIN]), reference=g, log=lambda m: None)
     with pytest.raises(PipelineError, match="between quantize and fold-qdq"):
         PassManager("distill{progress=false}", context=ctx).run(folded)
+
+
+def test_qat_resumed_from_a_checkpoint_keeps_the_masters_fractions(graphs, tmp_path):
+    """A checkpoint's graph holds the int8-rounded weights; the float masters' fractions below one step are saved
+    beside it, so training resumed after epoch 1 ends with the int8 weights of the uninterrupted run."""
+    import shutil
+
+    g, q = graphs
+    ckpt = tmp_path / "ck" / "qat.slimc"
+    saved = tmp_path / "after-epoch-1"
+
+    def keep_epoch_one(msg: str) -> None:
+        if "epoch 2/2" in msg:  # logged before epoch 2 is saved: the files on disk are epoch 1's
+            shutil.copytree(ckpt.parent, saved)
+
+    def run(log=lambda m: None):
+        ctx = PassContext(data=data.from_arrays([TRAIN[:96]]), reference=g, log=log)
+        return PassManager(f"distill{{epochs=2,optimizer=adam,lr=0.003,batch_size=32,temperature=1,alpha=1,"
+                           f"checkpoint={ckpt},progress=false}}", context=ctx).run(q)
+
+    full, _ = run(keep_epoch_one)
+    shutil.rmtree(ckpt.parent)
+    shutil.copytree(saved, ckpt.parent)
+    resumed, records = run()
+    assert records[-1].pass_stats["resumed_from_epoch"] == 1
+    moved = sum(int((full.weights[w] != q.weights[w]).sum()) for w in interpreter.weight_masters(q))
+    assert moved > 0  # training moved int8 weights, so the comparison below has something to lose
+    for k in full.weights:
+        np.testing.assert_array_equal(resumed.weights[k], full.weights[k], err_msg=k)

@@ -2,8 +2,8 @@
 
 One inference runs with a VM instrument that records every kernel call (its symbol and a copy of its arguments);
 each call is then timed on its own through the library's time evaluator, like TVM's debug executor did. The sum
-of the kernels is compared with the end-to-end latency: the difference is the VM's own work (allocation, calls)
-and the cache effects of running kernels back to back.
+of the kernels is compared with the end-to-end latency: the difference is the VM's own work (allocation, calls),
+the hand-offs to the worker threads between kernels and the cache effects of running kernels back to back.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from slimc.targets.measure import Latency, MeasureError, measure_local
+from slimc.targets.schedules import CONV_DOT_BLOCK
 
 #: (kind, substring of the kernel symbol), first match wins; symbols are TVM's fused-function names
 KINDS: tuple[tuple[str, str], ...] = (
     ("int8 conv (VNNI)", "conv2d_NCHWc_int8"),
-    ("int8 conv (dot)", "conv2d_nchwc_dot"),
+    ("int8 conv (dot)", CONV_DOT_BLOCK),
     ("depthwise conv", "depthwise_conv2d"),
     ("conv", "conv2d"),
     ("dense", "matmul"),
@@ -86,7 +87,8 @@ class Profile:
         total, e2e = self.kernel_ms, self.end_to_end.median_ms
         out = [f"{len(self.kernels)} kernel calls, {total:.3f} ms timed one by one; end to end {e2e:.3f} ms median "
                f"({self.end_to_end.threads} threads; the difference, {e2e - total:+.3f} ms, is the VM's "
-               f"{self.runtime_calls} runtime calls and running kernels back to back)", ""]
+               f"{self.runtime_calls} runtime calls, the hand-offs between kernels and their effect on each other's "
+               "caches)", ""]
         share = (lambda ms: f"{100 * ms / total:.1f} %") if total > 0 else (lambda ms: "-")
         out.append(table(["kind", "calls", "ms", "share"],
                          [[k, str(n), f"{ms:.3f}", share(ms)] for k, n, ms in self.by_kind()],

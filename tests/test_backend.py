@@ -201,6 +201,8 @@ def test_recorded_kernel_calls_replay_the_inference(artifact):
     assert kernel_kind("fused_conv2d_NCHWc_int83_add5_cast5_multiply2") == "int8 conv (VNNI)"
     assert kernel_kind("fused_divide_tir_round_add_tir_clip_cast_pad") == "elementwise"
     assert kernel_kind("te_layout_transform2") == "layout transform" and kernel_kind("pad4") == "pad"
+    assert kernel_kind("fused_conv2d_NCHWc_dot3_add2_cast2") == "int8 conv (dot)"
+    assert kernel_kind("fused_conv2d_NCHWc1_add1_tir_clip3") == "conv"
 
 
 def test_measure_through_rpc_tracker_on_loopback(artifact):

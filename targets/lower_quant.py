@@ -124,18 +124,20 @@ def _conv_attrs(n: Node) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, .
     return tuple(tuple(a.get(k, d)) for k, d in (("stride", (1, 1)), ("padding", (0, 0, 0, 0)), ("dilation", (1, 1))))
 
 
-def _vnni_acc(lw: Lowerer, n: Node, w: np.ndarray, blocks: tuple[int, int], x):
-    """int32 accumulator of conv2d_NCHWc_int8 (templated into vpdpbusd) on `x`, the input already padded (NCHW[ib]c
-    u8, channels a multiple of 4 like `w`'s); output channels padded to whole 16-blocks."""
+def _vnni_accs(lw: Lowerer, n: Node, w: np.ndarray, blocks: tuple[int, int], xs: list) -> list:
+    """int32 accumulators of conv2d_NCHWc_int8 (templated into vpdpbusd) on each of `xs`, inputs already padded
+    (NCHW[ib]c u8, channels a multiple of 4 like `w`'s), all with one packed weight constant; output channels
+    padded to whole 16-blocks."""
     from tvm import topi
 
     ib, ob = blocks
     stride, _, dilation = _conv_attrs(n)
     w = np.pad(w, ((0, -w.shape[0] % ob), (0, 0), (0, 0), (0, 0)))
+    packed = lw.const(pack_int8_conv_weight(w, ib, ob))
     with lw.target:
-        return lw.bb.emit_te(topi.nn.conv2d_NCHWc_int8, x, lw.const(pack_int8_conv_weight(w, ib, ob)),
-                             stride, (0, 0), dilation, f"NCHW{ib}c", f"NCHW{ob}c", "int32",
-                             VNNI_IC_LANES, primfunc_name_hint="conv2d_NCHWc_int8")
+        return [lw.bb.emit_te(topi.nn.conv2d_NCHWc_int8, x, packed, stride, (0, 0), dilation, f"NCHW{ib}c",
+                              f"NCHW{ob}c", "int32", VNNI_IC_LANES, primfunc_name_hint="conv2d_NCHWc_int8")
+                for x in xs]
 
 
 def _padded_input(lw: Lowerer, n: Node, w: np.ndarray, ib: int, zp: int, source):
@@ -209,7 +211,7 @@ def _wide_acc(lw: Lowerer, n: Node, w: np.ndarray, blocks: tuple[int, int], zp: 
         lo, w = _padded_input(lw, n, w, ib, zp & 255, _byte(lw, source, False))
     else:
         hi, lo = byte_planes(lw, source(ib), _conv_attrs(n)[1], zp)
-    return combine_bytes(lw, _vnni_acc(lw, n, w, blocks, hi), _vnni_acc(lw, n, w, blocks, lo))
+    return combine_bytes(lw, *_vnni_accs(lw, n, w, blocks, [hi, lo]))
 
 
 def combine_bytes(lw: Lowerer, acc_hi, acc_lo):
@@ -233,7 +235,7 @@ def _vnni_conv(lw: Lowerer, n: Node, w: np.ndarray, bias: np.ndarray, scale: np.
         acc = _wide_acc(lw, n, w, blocks, zp, source)
     else:
         x, w_lanes = _padded_input(lw, n, w, ib, zp, source)
-        acc = _vnni_acc(lw, n, w_lanes, blocks, x)
+        (acc,) = _vnni_accs(lw, n, w_lanes, blocks, [x])
     extra = -cout % ob  # output channels padded to whole 16-channel blocks, sliced off after
     if extra:
         bias, scale = np.pad(bias, (0, extra)), np.pad(scale, (0, extra), constant_values=1.0)

@@ -49,6 +49,8 @@ class CompileResult:
             lines.append(f"latency: {lat['median_ms']:.3f} ms median (p10 {lat['p10_ms']:.3f}, p90 {lat['p90_ms']:.3f}, "
                          f"{lat['threads']} threads)")
             lines += [f"  {line}" for line in _baseline_lines(m)]
+        elif m["check"]:  # it ran here, so only --no-measure left it untimed
+            lines.append(f"latency: not measured (--no-measure); `slimc measure {self.out_dir}` times it")
         else:
             lines.append("latency: not measured here (target is not this machine; use `slimc measure --rpc`)")
         return "\n".join(lines)
@@ -193,6 +195,7 @@ def compile_graph(loaded, pipeline: str, graph, records: Sequence[StepRecord], *
         "pipeline": pipeline, "passes": [r.to_json() for r in records], "tuning": result.tuning.to_json(),
         "build_seconds": result.build_seconds, "check": None, "latency": None,
         "quantization": quantization_summary(graph, records),
+        "kernels": [k.to_json() for k in result.kernels],
     }
 
     def extra(tmp: str) -> None:

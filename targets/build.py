@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from slimc.errors import SlimcError
 from slimc.ir import Graph
 from slimc.runtime import LIB_NAME, META_NAME
+from slimc.targets.kernel_map import KernelNodes, capturing_pipeline
 from slimc.targets.lower import LayoutPlan, lower
 from slimc.targets.schedules import apply_templates
 from slimc.targets.tune import TuneSummary, apply_database, prepare, tune
@@ -32,6 +33,7 @@ class BuildResult:
     executable: object
     tuning: TuneSummary
     build_seconds: float
+    kernels: tuple[KernelNodes, ...]  # the IR nodes of each kernel call, in call order; () when unknown
 
 
 def build(graph: Graph, target, *, trials: int = 0, db_path: str | None = None, tune_ops: list[str] | None = None,
@@ -46,12 +48,13 @@ def build(graph: Graph, target, *, trials: int = 0, db_path: str | None = None, 
         mod, scheduled = apply_templates(mod, target)
     db, summary = tune(mod, target, db_path, trials, tune_ops, log=log, show_progress=progress)
     mod = apply_database(mod, target, db)
+    kernels: list[KernelNodes] = []
     try:
-        ex = tvm.compile(mod, target.tvm())
+        ex = tvm.compile(mod, target.tvm(), relax_pipeline=capturing_pipeline(kernels))
     except Exception as e:  # TVM raises its own error types with long C++ traces
         raise BuildError(f"TVM failed to build {graph.name} for {target.describe()}: "
                          f"{str(e).strip().splitlines()[-1][:300]}") from e
-    return BuildResult(ex, summary, time.perf_counter() - t0 - summary.seconds)
+    return BuildResult(ex, summary, time.perf_counter() - t0 - summary.seconds, tuple(kernels))
 
 
 def host_arch() -> str:

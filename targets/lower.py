@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -9,6 +10,7 @@ import numpy as np
 
 from slimc.errors import SlimcError
 from slimc.ir import Graph, Node
+from slimc.targets import kernel_map
 
 
 class LoweringError(SlimcError):
@@ -63,7 +65,7 @@ class Lowerer:
         self.graph, self.target, self.plan = graph, target, plan
         self.target_info = target_info  # the slimc Target (ISA features), when known
         self.relax = relax
-        self.bb = relax.BlockBuilder()
+        self.bb = _recording_builder()()
         self.env: dict[str, Val] = {}
         self._converted: dict[tuple[str, int], Val] = {}
 
@@ -128,6 +130,7 @@ class Lowerer:
             var = relax.Var(name, relax.TensorType(tuple(t.shape), t.dtype))
             params.append(var)
             self.env[name] = Val(var)
+        ends: list[tuple[str, object]] = []  # (node, the last binding its lowering emitted)
         with self.bb.function("main", params):
             with self.bb.dataflow():
                 for node in self.graph.nodes:
@@ -135,12 +138,35 @@ class Lowerer:
                     if fn is None:
                         raise LoweringError(f"node {node.name}: op {node.op} has no TVM lowering yet; supported: "
                                             f"{', '.join(sorted(LOWERINGS))}")
-                    outs = fn(self, node)
-                    self.env.update(zip(node.outputs, outs))
-                outs = [self.expr(o, 0) for o in self.graph.outputs]
+                    before = self.bb.last
+                    self.env.update(zip(node.outputs, fn(self, node)))
+                    if self.bb.last is not before:
+                        ends.append((node.name, self.bb.last))
+                outs = []
+                for o in self.graph.outputs:  # converting an output to plain layout is its producer's work
+                    before = self.bb.last
+                    outs.append(self.expr(o, 0))
+                    if self.bb.last is not before and (producer := self.graph.producer(o)) is not None:
+                        ends.append((producer.name, self.bb.last))
                 result = self.bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
             self.bb.emit_func_output(result)
-        return self.bb.get()
+        mod = self.bb.get()
+        return mod.with_attr(kernel_map.ORIGINS, kernel_map.binding_origins(mod["main"], ends))
+
+
+@functools.cache
+def _recording_builder() -> type:
+    """A BlockBuilder that remembers the last binding it emitted: where each IR node's bindings end."""
+    from tvm import relax
+
+    class RecordingBlockBuilder(relax.BlockBuilder):
+        last = None
+
+        def emit(self, expr, name_hint: str = ""):
+            self.last = super().emit(expr, name_hint)
+            return self.last
+
+    return RecordingBlockBuilder
 
 
 def lower(graph: Graph, target, plan: LayoutPlan | None = None):

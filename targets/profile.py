@@ -54,6 +54,7 @@ class KernelTime:
     kind: str
     output: str  # shape and dtype of its last tensor argument (TVM kernels write their output there)
     median_us: float
+    nodes: tuple[str, ...] = ()  # the IR nodes it computes (the artifact's kernel map); () when unknown
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class Profile:
     kernels: tuple[KernelTime, ...]
     end_to_end: Latency
     runtime_calls: int  # VM builtins (allocation, shape checks), not timed one by one
+    mapped: bool = False  # whether the kernels carry their IR nodes
 
     @property
     def kernel_ms(self) -> float:
@@ -77,7 +79,7 @@ class Profile:
 
     def to_json(self) -> dict:
         return {"end_to_end": self.end_to_end.to_json(), "kernel_ms": self.kernel_ms,
-                "runtime_calls": self.runtime_calls,
+                "runtime_calls": self.runtime_calls, "mapped": self.mapped,
                 "by_kind": [{"kind": k, "calls": n, "ms": ms} for k, n, ms in self.by_kind()],
                 "kernels": [asdict(k) for k in self.kernels]}
 
@@ -94,16 +96,19 @@ class Profile:
                          [[k, str(n), f"{ms:.3f}", share(ms)] for k, n, ms in self.by_kind()],
                          right=[False, True, True, True]))
         slow = sorted(self.kernels, key=lambda k: -k.median_us)[:top]
-        out += ["", f"slowest {len(slow)} kernel calls (# is the call order):",
-                table(["#", "kernel", "kind", "output", "us", "share"],
-                      [[str(k.index), _short(k.symbol), k.kind, k.output, f"{k.median_us:.1f}",
-                        share(k.median_us / 1e3)] for k in slow],
-                      right=[True, False, False, False, True, True])]
+        out += ["", f"slowest {len(slow)} kernel calls (# is the call order; nodes: the IR nodes each computes):",
+                table(["#", "nodes", "kernel", "kind", "output", "us", "share"],
+                      [[str(k.index), _short(", ".join(k.nodes) or "-", 36), _short(k.symbol), k.kind, k.output,
+                        f"{k.median_us:.1f}", share(k.median_us / 1e3)] for k in slow],
+                      right=[True, False, False, False, False, True, True])]
+        if not self.mapped:
+            out.append("(no kernel-to-node map: the artifact was built before slimc recorded one, or its kernels do "
+                       "not match it; rebuild it with `slimc compile` to see the nodes)")
         return out
 
 
-def _short(symbol: str, width: int = 56) -> str:
-    return symbol if len(symbol) <= width else symbol[:width - 3] + "..."
+def _short(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _describe(t) -> str:
@@ -118,15 +123,15 @@ def _kernel_module(lib, symbol: str):
     return None
 
 
-def record_calls(model, inputs: Sequence[np.ndarray]) -> tuple[list[tuple[str, list]], int]:
-    """Run one inference with a VM instrument: (symbol, copied arguments) of every call, and the builtin count."""
+def record_calls(vm, device, tensors: Sequence) -> tuple[list[tuple[str, list]], int]:
+    """Run `main` once with a VM instrument: (symbol, copied arguments) of every kernel call, and the builtin count."""
     import tvm
 
     calls: list[tuple[str, list]] = []
     builtins = 0
 
     def copy(a):
-        return tvm.runtime.tensor(a.numpy(), model.device) if isinstance(a, tvm.runtime.Tensor) else a
+        return tvm.runtime.tensor(a.numpy(), device) if isinstance(a, tvm.runtime.Tensor) else a
 
     def instrument(func, symbol, before_run, ret_value, *args):
         nonlocal builtins
@@ -137,12 +142,11 @@ def record_calls(model, inputs: Sequence[np.ndarray]) -> tuple[list[tuple[str, l
                 calls.append((str(symbol), [copy(a) for a in args]))
         return 0  # VMInstrumentReturnKind.NO_OP: run the call as usual
 
-    tensors = model._tensors(inputs)
-    model.vm.set_instrument(instrument)
+    vm.set_instrument(instrument)
     try:
-        model.vm["main"](*tensors)
+        vm["main"](*tensors)
     finally:
-        model.vm.set_instrument(None)
+        vm.set_instrument(None)
     return calls, builtins
 
 
@@ -153,7 +157,9 @@ def profile_local(model, inputs: Sequence[np.ndarray], *, number: int = 10, repe
 
     lib = tvm.runtime.load_module(f"{model.path}/model.so")
     e2e = measure_local(model, inputs, number=number, repeat=repeat, warmup=warmup)  # before any instrument is set
-    calls, builtins = record_calls(model, inputs)
+    calls, builtins = record_calls(model.vm, model.device, model._tensors(inputs))
+    planned = model.meta.get("kernels") or []
+    mapped = [k["symbol"] for k in planned] == [symbol for symbol, _ in calls]
     kernels = []
     for i, (symbol, args) in enumerate(calls):
         mod = _kernel_module(lib, symbol)
@@ -165,5 +171,6 @@ def profile_local(model, inputs: Sequence[np.ndarray], *, number: int = 10, repe
             mod[symbol](*args)
         tensors = [a for a in args if isinstance(a, tvm.runtime.Tensor)]
         us = float(np.median(timer(*args).results)) * 1e6
-        kernels.append(KernelTime(i, symbol, kernel_kind(symbol), _describe(tensors[-1]) if tensors else "-", us))
-    return Profile(tuple(kernels), e2e, builtins)
+        kernels.append(KernelTime(i, symbol, kernel_kind(symbol), _describe(tensors[-1]) if tensors else "-", us,
+                                  tuple(planned[i]["nodes"]) if mapped else ()))
+    return Profile(tuple(kernels), e2e, builtins, mapped and bool(calls))

@@ -115,15 +115,24 @@ def vectorizable_rounding() -> None:
 
 
 def prepare(mod, tvm_target):
-    """Legalize and fuse a lowered module (the form whose PrimFuncs are tuned and built)."""
+    """Legalize and fuse a lowered module (the form whose PrimFuncs are tuned and built).
+
+    These are TVM's "zero" pipeline's passes (without its database step: tuning applies its own), with the kernel
+    map (slimc.targets.kernel_map) noted across the fusion.
+    """
     import tvm
     from tvm import relax
 
+    from slimc.targets import kernel_map
+
+    t = relax.transform
     vectorizable_rounding()
     with tvm_target:
-        return tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
-                                         relax.transform.CanonicalizeBindings(),
-                                         relax.get_pipeline("zero")])(mod)
+        return tvm.transform.Sequential([t.DecomposeOpsForInference(), t.CanonicalizeBindings(), t.LegalizeOps(),
+                                         t.AnnotateTIROpPattern(), t.FoldConstant(),
+                                         kernel_map.note_bindings(), t.FuseOps(),
+                                         kernel_map.note_fused_nodes(), t.FuseTIR(),
+                                         kernel_map.name_kernels()])(mod)
 
 
 def _has_record(db, task, tvm_target) -> bool:

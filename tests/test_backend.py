@@ -157,6 +157,7 @@ def artifact(tmp_path_factory):
     p = slimc("compile", "tiny_models:convnet", "--no-measure", "--tune-db", str(tmp_path_factory.mktemp("db")),
               "-o", out)
     assert p.returncode == 0, p.stderr
+    assert f"not measured (--no-measure); `slimc measure {out}`" in p.stdout  # it runs here: not "not this machine"
     return out
 
 
@@ -168,6 +169,10 @@ def test_measure_local(artifact):
 
 
 def test_measure_profile_times_every_kernel_call_of_an_inference(artifact):
+    """...and names the IR nodes each kernel computes: every conv and dense node in exactly one conv/dense kernel."""
+    from slimc import ir
+    from slimc.compile import GRAPH_NAME
+
     p = slimc("measure", artifact, "--profile", "--json", "--repeat", "3", "--number", "2")
     assert p.returncode == 0, p.stderr
     prof = json.loads(p.stdout)
@@ -176,10 +181,45 @@ def test_measure_profile_times_every_kernel_call_of_an_inference(artifact):
     assert {k["kind"] for k in kernels} >= {"conv", "dense"} and prof["runtime_calls"] > 0
     assert sum(r["calls"] for r in prof["by_kind"]) == len(kernels)
     assert abs(sum(r["ms"] for r in prof["by_kind"]) - prof["kernel_ms"]) < 1e-9 and prof["end_to_end"]["median_ms"] > 0
+    graph = ir.load(os.path.join(artifact, GRAPH_NAME))
+    assert prof["mapped"] and all(k["nodes"] for k in kernels)
+    assert {n for k in kernels for n in k["nodes"]} <= {n.name for n in graph.nodes}
+    layers = [n.name for n in graph.nodes if n.op in ("conv2d", "dense")]
+    assert layers and all(sum(name in k["nodes"] for k in kernels if k["kind"] in ("conv", "depthwise conv", "dense"))
+                          == 1 for name in layers)
+    adds = [n.name for n in graph.nodes if n.op == "add"]  # one binding each, the output of a fused conv kernel
+    assert adds and all(any(a in k["nodes"] and k["kind"] == "conv" for k in kernels) for a in adds)
     text = slimc("measure", artifact, "--profile", "--repeat", "3", "--number", "2")
     assert text.returncode == 0 and "slowest" in text.stdout and "end to end" in text.stdout
+    assert layers[0] in text.stdout and "no kernel-to-node map" not in text.stdout
     bad = slimc("measure", artifact, "--profile", "--rpc", "127.0.0.1:9", "--key", "k")
     assert bad.returncode != 0 and "--profile" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_kernel_map_alignment_drops_whole_kernels_only():
+    """Kernels a pass turned into VM builtins are skipped; a map that does not line up exactly is no map."""
+    from slimc.targets.kernel_map import KernelNodes, align
+
+    planned = [("conv", ["c1"]), ("reshape", ["r"]), ("conv", ["c2"]), ("add", ["a"])]
+    assert align(planned, ["conv", "conv", "add"]) == (KernelNodes("conv", ("c1",)), KernelNodes("conv", ("c2",)),
+                                                         KernelNodes("add", ("a",)))
+    assert align(planned, ["conv", "reshape", "conv", "add"])[1] == KernelNodes("reshape", ("r",))
+    assert align(planned, ["conv", "add"]) == ()  # the second conv skipped, the symbol still called: ambiguous
+    assert align(planned, ["conv", "conv", "add", "add"]) == ()  # more calls than planned
+    assert align(planned, ["pad"]) == ()
+
+
+def test_kernel_map_tells_apart_layers_that_share_a_kernel():
+    """Identical layers are one fused function (TVM deduplicates them); the map still names each call's own layer."""
+    from slimc.targets.build import build
+
+    block = [torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU()]
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), *block, *block, *block).eval()
+    g, _ = PassManager("canonicalize,fold-bn,fuse-act").run(from_torch(m, (torch.randn(1, 3, 16, 16),)))
+    kernels = [k for k in build(g, resolve("native"), trials=0, progress=False).kernels
+               if k.symbol.startswith("fused_conv2d")]
+    assert len({k.symbol for k in kernels}) < len(kernels)  # the three 8->8 layers do share one kernel
+    assert [k.nodes for k in kernels] == [(n.name,) for n in g.nodes if n.op == "conv2d"]
 
 
 def test_recorded_kernel_calls_replay_the_inference(artifact):
@@ -192,7 +232,7 @@ def test_recorded_kernel_calls_replay_the_inference(artifact):
 
     model = runtime.load(artifact)
     x = np.random.default_rng(0).standard_normal(model.meta["inputs"][0]["shape"]).astype(np.float32)
-    calls, builtins = record_calls(model, [x])
+    calls, builtins = record_calls(model.vm, model.device, model._tensors([x]))
     assert calls and builtins > 0
     lib = tvm.runtime.load_module(os.path.join(artifact, "model.so"))
     for symbol, args in calls:

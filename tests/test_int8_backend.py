@@ -45,6 +45,28 @@ def test_int8_build_is_bit_exact(int8_graph, native_build):
     np.testing.assert_array_equal(_run(native_build.executable, x), interpreter.run(g, [x])[0])
 
 
+def test_build_maps_every_kernel_to_its_ir_nodes(int8_graph, native_build):
+    """The kernel map names, in VM call order, the IR nodes each kernel computes; an integer conv's requantize and
+    the residual add fused into it are in the conv's kernel."""
+    import tvm
+    from tvm import relax
+
+    from slimc.targets.profile import kernel_kind, record_calls
+
+    g, x = int8_graph
+    kernels = native_build.kernels
+    calls, _ = record_calls(relax.VirtualMachine(native_build.executable, tvm.cpu()), tvm.cpu(), [tvm.runtime.tensor(x)])
+    assert [k.symbol for k in kernels] == [symbol for symbol, _ in calls]
+    names = [n.name for n in g.nodes]
+    assert all(k.nodes for k in kernels) and all(n in names for k in kernels for n in k.nodes)
+    assert all(list(k.nodes) == sorted(k.nodes, key=names.index) for k in kernels)
+    convs = [k for k in kernels if "conv" in kernel_kind(k.symbol)]
+    qconvs = [n.name for n in g.nodes if n.op == "qconv2d"]
+    assert sorted(n for k in convs for n in k.nodes if n in qconvs) == sorted(qconvs)
+    add = next(n.name for n in g.nodes if n.op == "qadd")
+    assert any(add in k.nodes and len(k.nodes) > 1 for k in convs)
+
+
 def test_generic_integer_kernels_without_vnni_are_bit_exact(int8_graph):
     from slimc.targets.build import build
 

@@ -17,8 +17,8 @@ Every method is a function `Case -> MethodOutput` (logits on the evaluation inpu
 on that graph with the same calibration crops, then fold-qdq, and the integer graph runs in slimc.interpreter (about
 0.1-0.5 s per 224px crop on 2 cores: a row costs minutes); quant-fallback checks its budget on `n_val` further
 held-out inputs (crops after the evaluation ones; MNIST training digits after the calibration ones), as `--data`.
-The QAT row fine-tunes on `n_train` crops of other photos (slimc.zoo.training_photos; MNIST: later training
-digits), so the scenes it is judged on were never trained on.
+The QAT row fine-tunes (as `--train`) on `n_train` crops of other photos (slimc.zoo.training_photos; MNIST: later
+training digits), so the scenes it is judged on were never trained on.
 Writes bench/results/fidelity.json (`--out`); with --merge the rows of methods not run now are kept from it (e.g.
 add slimc rows next to earlier ORT ones). Each slimc row's integer graph and each ORT row's model stay in `--work`
 for bench/tradeoff.py to compile and time.
@@ -178,12 +178,13 @@ def _slimc_int8(passes: str) -> Method:
 
         pipeline = f"{passes},fold-qdq"
         held_out = None if case.validation is None else data.from_arrays([case.validation], name=f"{case.name}-val")
-        if "distill" in passes:  # distill trains on PassContext.data: the training inputs, not the held-out ones
+        train = None
+        if "distill" in passes:  # distill trains on the training inputs (PassContext.train), never the held-out ones
             if case.training is None:
                 raise SystemExit(f"{case.name} has no training inputs for the QAT rows")
-            held_out = data.from_arrays([case.training], name=f"{case.name}-train")
+            train = data.from_arrays([case.training], name=f"{case.name}-train")
         ctx = PassContext(calib=data.from_arrays([case.calibration], name=f"{case.name}-calibration"), data=held_out,
-                          log=lambda m: print(m, file=sys.stderr, flush=True))
+                          train=train, log=lambda m: print(m, file=sys.stderr, flush=True))
         t0 = time.perf_counter()
         graph, records = PassManager(pipeline, context=ctx).run(case.graph)
         seconds = time.perf_counter() - t0

@@ -26,9 +26,13 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     spec = ("a folder of images ('DIR' or 'DIR:resize=256,crop=224,mean=...,std=...'; labels from sub-folders), "
             "an .npy/.npz file, or 'package.module:callable' yielding batches")
     p.add_argument("--data", metavar="SPEC",
-                   help=f"data for passes that run the model (bn-reestimate, distill; calibration without --calib): {spec}")
+                   help=f"data for passes that run the model (the --max-drop budget; bn-reestimate and distill without "
+                        f"--train; calibration without --calib): {spec}")
     p.add_argument("--calib", metavar="SPEC",
                    help="calibration data for quantization, same forms as --data (default: --data)")
+    p.add_argument("--train", metavar="SPEC",
+                   help="data the training passes learn from (distill, --qat, bn-reestimate), same forms as --data "
+                        "(default: --data); --data then stays held out for the checks (the --max-drop budget)")
 
 
 def _add_target_args(p: argparse.ArgumentParser) -> None:
@@ -111,9 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(int16); or int16 first and float for the layers whose int8 weights still miss the budget "
                         "(int16+float)")
     p.add_argument("--qat", type=int, metavar="EPOCHS",
-                   help="with --int8: fine-tune the int8 model quantization-aware for EPOCHS passes over --data, else "
-                        "--calib (distill from the float model through fake quantization, straight-through "
-                        "gradients; after any fallback), e.g. --qat 2 --data slimc.evalset:imagenet_training")
+                   help="with --int8: fine-tune the int8 model quantization-aware for EPOCHS passes over --train, "
+                        "else --data, else --calib (distill from the float model through fake quantization, "
+                        "straight-through gradients; after any fallback), e.g. --qat 2 --train "
+                        "slimc.evalset:imagenet_training")
     _add_data_args(p)
     p.set_defaults(func=cmd_compile)
 
@@ -203,12 +208,15 @@ def _sample_inputs(args: argparse.Namespace, loaded) -> list:
 
 
 def _load_data(args: argparse.Namespace, graph):
-    """(data, calib) datasets from --data/--calib: passes read `data` (--data, else --calib), calibration `calib`."""
+    """(data, calib, train) from --data/--calib/--train: passes read `data` (--data, else --calib), calibration
+    `calib`, training passes `train`."""
     from slimc.data import load_data
 
-    data = load_data(args.data, graph, "--data") if getattr(args, "data", None) else None
-    calib = load_data(args.calib, graph, "--calib") if getattr(args, "calib", None) else None
-    return (data if data is not None else calib), calib
+    data, calib, train = (load_data(spec, graph, flag) if spec else None
+                          for spec, flag in ((getattr(args, "data", None), "--data"),
+                                             (getattr(args, "calib", None), "--calib"),
+                                             (getattr(args, "train", None), "--train")))
+    return (data if data is not None else calib), calib, train
 
 
 def _progress(msg: str) -> None:
@@ -221,13 +229,14 @@ def _run_pipeline(args: argparse.Namespace, check: bool, target=None, **instrume
 
     loaded = _load(args)
     pm = PassManager(args.passes)  # parse (and reject a bad pipeline) before any heavy work
-    data, calib = _load_data(args, loaded.graph)
+    data, calib, train = _load_data(args, loaded.graph)
     reference = None
     sample = _sample_inputs(args, loaded)
     if check:
         reference = (sample, loaded.oracle(sample))
     pm = PassManager(pm.specs, Instruments(reference=reference, **instrument_kw),
-                     PassContext(sample_inputs=sample, target=target, data=data, calib=calib, log=_progress))
+                     PassContext(sample_inputs=sample, target=target, data=data, calib=calib, train=train,
+                                 log=_progress))
     graph, records = pm.run(loaded.graph)
     return loaded, pm, graph, records, sample
 
@@ -318,7 +327,7 @@ def backend_pipeline(passes: str, int8: bool, calib_method: str, max_drop: float
                          "add --int8 (or drop them)")
     if qat is not None and (qat < 1 or not int8):
         raise SlimcError(f"--qat {qat}: fine-tuning is for the --int8 pipeline and takes a number of epochs >= 1 "
-                         "(passes over --data), e.g. --int8 --qat 2")
+                         "(passes over --train), e.g. --int8 --qat 2")
     names = [p.split("{")[0].strip() for p in passes.split(",") if p.strip()]
     if int8 and "quantize" not in names:
         steps = [f"calibrate{{method={calib_method}}}", "quantize", *INT8_RECOVERY]

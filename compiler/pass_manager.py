@@ -57,7 +57,8 @@ class PassInput:
 class PassContext:
     """What a pass may read besides the graph: its options, sample inputs, target, data, a logger.
 
-    `data` is a `slimc.data.Dataset` (`--data`, else `--calib`); `calib` is the `--calib` one (None without it).
+    `data` is a `slimc.data.Dataset` (`--data`, else `--calib`); `calib` is the `--calib` one (None without it);
+    `train` is the `--train` one (None without it), which the training passes read instead of `data`.
     `reference` is the model before the pipeline (the distillation teacher); `PassManager.run` fills it.
     `inputs_of[name]` is what the latest earlier run of pass `name` in this pipeline was given (e.g. the float graph
     `quantize` turned into QDQ, which bias correction and float fallback compare with); `PassManager.run` fills it.
@@ -71,11 +72,17 @@ class PassContext:
     reference: Graph | None = None
     calib: Any = None
     inputs_of: Mapping[str, PassInput] = field(default_factory=dict)
+    train: Any = None
 
     @property
     def calibration_data(self) -> Any:
         """What calibration reads: `--calib` if given, else `--data`."""
         return self.calib if self.calib is not None else self.data
+
+    @property
+    def training_data(self) -> Any:
+        """What training passes (distill, bn-reestimate) learn from: `--train` if given, else `--data`."""
+        return self.train if self.train is not None else self.data
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Pruning recovery: re-estimate batch-norm statistics on data, then distill from the unpruned model (the teacher).
 
-Both passes read `PassContext.data` (`--data`). `bn-reestimate` runs in one pass over the data: every batch_norm
+Both passes read `PassContext.training_data` (`--train`, else `--data`). `bn-reestimate` runs in one pass over the data: every batch_norm
 normalizes with the statistics accumulated so far (this batch included) and the final figures are the population
 mean/variance of its input, so the estimate does not depend on the stale statistics that pruning left behind.
 `distill` trains the graph's parameters through the differentiable interpreter against `PassContext.reference`
@@ -39,10 +39,11 @@ from slimc.passes.quant.fold import INTEGER_OPS
 
 
 def require_data(ctx: PassContext, pass_name: str) -> Any:
-    """The pass's dataset, or a PipelineError saying how to give one."""
-    ds = ctx.data
+    """The training pass's dataset (--train, else --data), or a PipelineError saying how to give one."""
+    ds = ctx.training_data
     if ds is None:
-        raise PipelineError(f"{pass_name} needs data to run the model on: pass --data SPEC to slimc inspect/compile "
+        raise PipelineError(f"{pass_name} needs data to run the model on: pass --train or --data SPEC to slimc "
+                            "inspect/compile "
                             "(a folder of images such as photos/:resize=256,crop=224, an .npy/.npz file, or "
                             "package.module:callable; see README 'Pruning and recovery'), or set PassContext.data")
     if len(ds) == 0:
@@ -154,7 +155,7 @@ def _limited(it: Iterable[Batch], n: int) -> Iterable[Batch]:
     batch_size=opt(int, 64, "samples per batch"),
 )
 def bn_reestimate(graph: Graph, ctx: PassContext) -> PassResult:
-    """Re-estimate batch-norm running mean/variance on --data: pruning leaves them stale (run before fold-bn)."""
+    """Re-estimate batch-norm running mean/variance on --train/--data: pruning leaves them stale (before fold-bn)."""
     o = ctx.options
     nodes, skipped = _bn_targets(graph)
     for why in skipped:

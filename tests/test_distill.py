@@ -159,9 +159,9 @@ def test_checkpoint_resume_gives_the_uninterrupted_result(teacher, tmp_path):
 
 def test_distill_errors(teacher):
     pruned = run(PRUNE, teacher)[0]
-    with pytest.raises(PipelineError, match="pass --data"):
+    with pytest.raises(PipelineError, match="pass --train or --data"):
         run("distill", pruned, reference=teacher)
-    with pytest.raises(PipelineError, match="pass --data"):
+    with pytest.raises(PipelineError, match="pass --train or --data"):
         run("bn-reestimate", pruned)
     with pytest.raises(PipelineError, match="unpruned model as teacher"):
         PASSES["distill"].fn(pruned, PassContext(options={**{k: o.default for k, o in PASSES["distill"].options.items()}},
@@ -187,7 +187,7 @@ def test_cli_data_option_runs_recovery_and_reports_a_missing_one(tmp_path, capsy
     assert "distill: epoch 1/1 loss" in err
     assert main([*args, "distill"]) != 0
     err = capsys.readouterr().err
-    assert err.startswith("slimc: error: ") and "pass --data" in err
+    assert err.startswith("slimc: error: ") and "pass --train or --data" in err
     assert main([*args, "", "--calib", str(tmp_path / "x.npy:resize=8")]) != 0
     err = capsys.readouterr().err
     assert err.startswith("slimc: error: --calib") and "not a folder" in err

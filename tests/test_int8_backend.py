@@ -160,18 +160,24 @@ def test_compile_with_int16_fallback_reports_the_wide_layers(tmp_path):
 
 
 def test_compile_with_qat_fine_tunes_the_int8_model_on_data(tmp_path):
+    """--qat learns from --train while the fallback budget is judged on the held-out --data."""
     import json
 
     from test_backend import slimc
 
-    x = tmp_path / "x.npy"
-    np.save(x, np.random.default_rng(0).standard_normal((32, 3, 32, 32)).astype(np.float32))
+    rng = np.random.default_rng(0)
+    x, t = tmp_path / "x.npy", tmp_path / "t.npy"
+    np.save(x, rng.standard_normal((32, 3, 32, 32)).astype(np.float32))
+    np.save(t, rng.standard_normal((48, 3, 32, 32)).astype(np.float32))
     out = tmp_path / "art"
     done = slimc("compile", "tiny_models:quant_net", "--int8", "--calib", str(x), "--calib-method", "minmax",
-                 "--qat", "1", "--data", str(x), "--no-measure", "-o", str(out))
+                 "--max-drop", "1", "--qat", "1", "--train", str(t), "--data", str(x), "--no-measure", "-o", str(out))
     assert done.returncode == 0, done.stderr
     meta = json.loads((out / "meta.json").read_text())
-    assert ",bias-correct,distill{epochs=1," in meta["pipeline"] and meta["pipeline"].endswith(",fold-qdq")
+    assert ",bias-correct,quant-fallback{max_drop=1.0},distill{epochs=1," in meta["pipeline"]
+    assert meta["pipeline"].endswith(",fold-qdq")
+    steps = {step["pass"].split("{")[0]: step["pass_stats"] for step in meta["passes"]}
+    assert steps["distill"]["samples"] == 48 and steps["quant-fallback"]["budget"]["samples"] == 32
     assert "distill: epoch 1/1" in done.stderr  # progress of the fine-tuning
     assert meta["quantization"]["int8_mac_share"] == 1.0 and meta["check"]["max_rel"] == 0.0
     bad = slimc("compile", "tiny_models:quant_net", "--qat", "1", "--data", str(x), "--no-measure",

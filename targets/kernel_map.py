@@ -82,29 +82,45 @@ def _signature(value, name_of: Callable[[object], str]) -> str | None:
     return None
 
 
-def note_bindings():
-    """Module pass for just before FuseOps: main's bindings in order, each with its IR node and its signature."""
+def _handoff(name: str, src: str, dst: str, fn: Callable[[object, object], object | None]):
+    """A module pass turning attribute `src` into `dst` = fn(mod, src's value); None from fn drops the map."""
     import tvm
 
-    @tvm.transform.module_pass(opt_level=0, name="SlimcNoteBindings")
+    @tvm.transform.module_pass(opt_level=0, name=name)
     def run(mod, _ctx):
-        if mod.attrs is None or ORIGINS not in mod.attrs:
+        if mod.attrs is None or src not in mod.attrs:
             return mod
-        origins = mod.attrs[ORIGINS]
-        rows = [[b.var.name, str(origins.get(b.var.name, "")), _signature(b.value, lambda v: v.name) or ""]
-                for b in _bindings(mod["main"])]
-        mod = mod.without_attr(ORIGINS)
-        if len({name for name, _, _ in rows}) < len(rows):
-            return mod  # names no longer tell bindings apart: no map rather than a wrong one
-        return mod.with_attr(BINDINGS, rows)
+        value = fn(mod, mod.attrs[src])
+        mod = mod.without_attr(src)
+        return mod if value is None else mod.with_attr(dst, value)
 
     return run
 
 
-def note_fused_nodes():
-    """Module pass for between FuseOps and FuseTIR: the IR nodes of each kernel call of main (attribute FUSED).
+def note_bindings():
+    """Module pass for just before FuseOps: main's bindings in order, each with its IR node and its signature."""
+    return _handoff("SlimcNoteBindings", ORIGINS, BINDINGS, _binding_rows)
 
-    FuseOps moves a group of main's bindings into a function, binds its outputs to new variables and shares one
+
+def note_fused_nodes():
+    """Module pass for between FuseOps and FuseTIR: the IR nodes of each kernel call of main (attribute FUSED)."""
+    return _handoff("SlimcNoteFusedNodes", BINDINGS, FUSED, _fused_nodes)
+
+
+def name_kernels():
+    """Module pass for after FuseTIR: pairs each call_tir of main with the nodes noted before (attribute KERNELS)."""
+    return _handoff("SlimcNameKernels", FUSED, KERNELS, _named_kernels)
+
+
+def _binding_rows(mod, origins) -> list | None:
+    rows = [[b.var.name, str(origins.get(b.var.name, "")), _signature(b.value, lambda v: v.name) or ""]
+            for b in _bindings(mod["main"])]
+    # names that no longer tell bindings apart: no map rather than a wrong one
+    return rows if len({name for name, _, _ in rows}) == len(rows) else None
+
+
+def _fused_nodes(mod, binding_rows) -> list[list[str]]:
+    """FuseOps moves a group of main's bindings into a function, binds its outputs to new variables and shares one
     function among groups that compute alike, so a function's bindings name one group only. Each call's own bindings
     are found by replaying its function on the call's arguments: a binding is the pre-fusion one that applies the
     same callee to the same values. A call where any binding has no single match gets no nodes.
@@ -112,77 +128,60 @@ def note_fused_nodes():
     import tvm
     from tvm import relax
 
-    @tvm.transform.module_pass(opt_level=0, name="SlimcNoteFusedNodes")
-    def run(mod, _ctx):
-        if mod.attrs is None or BINDINGS not in mod.attrs:
-            return mod
-        rows = [(str(name), str(node), str(sig)) for name, node, sig in mod.attrs[BINDINGS]]
-        order = {name: i for i, (name, _, _) in enumerate(rows)}
-        node_of = {name: node for name, node, _ in rows}
-        by_sig: dict[str, list[str]] = {}
-        for name, _, sig in rows:
-            by_sig.setdefault(sig, []).append(name)
-        sig_of = {name: sig for name, _, sig in rows}
-        renamed: dict = {}  # each variable of main -> the name of its pre-fusion binding (or UNKNOWN)
-        tuples: dict = {}  # the same for fused calls that return several outputs (as a tuple)
-        outer = lambda var: renamed.get(var, var.name)  # noqa: E731  (main's parameters keep their names)
-        per_call: list[list[str]] = []
-        for b in _bindings(mod["main"]):
-            v = b.value
-            fused = isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.GlobalVar) \
-                and isinstance(mod[v.op], relax.Function)
-            if not fused:
-                if isinstance(v, relax.TupleGetItem) and v.tuple_value in tuples:
-                    renamed[b.var] = tuples[v.tuple_value][v.index]
-                    continue
-                sig = _signature(v, outer) or ""
-                if sig_of.get(b.var.name) == sig:  # a binding FuseOps kept as it was
-                    renamed[b.var] = b.var.name
-                else:  # one FuseOps made anew (an output taken out of a fused tuple): found by what it computes
-                    match = by_sig.get(sig, [])
-                    renamed[b.var] = match[0] if len(match) == 1 else UNKNOWN
-                if isinstance(v, relax.Call) and _is_call_tir(v):
-                    per_call.append([n for n in [node_of.get(renamed[b.var], "")] if n])
+    rows = [(str(name), str(node), str(sig)) for name, node, sig in binding_rows]
+    order = {name: i for i, (name, _, _) in enumerate(rows)}
+    node_of = {name: node for name, node, _ in rows}
+    sig_of = {name: sig for name, _, sig in rows}
+    by_sig: dict[str, list[str]] = {}
+    for name, _, sig in rows:
+        by_sig.setdefault(sig, []).append(name)
+    renamed: dict = {}  # each variable of main -> the name of its pre-fusion binding (or UNKNOWN)
+    tuples: dict = {}  # the same for fused calls that return several outputs (as a tuple)
+    outer = lambda var: renamed.get(var, var.name)  # noqa: E731  (main's parameters keep their names)
+    per_call: list[list[str]] = []
+    for b in _bindings(mod["main"]):
+        v = b.value
+        if not (isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.GlobalVar)
+                and isinstance(mod[v.op], relax.Function)):
+            if isinstance(v, relax.TupleGetItem) and v.tuple_value in tuples:
+                renamed[b.var] = tuples[v.tuple_value][v.index]
                 continue
-            func = mod[v.op]
-            local = {p: (outer(a) if isinstance(a, relax.Var) else "<const>") for p, a in zip(func.params, v.args)}
-            members: list[str] = []
-            for inner in _bindings(func):
-                match = by_sig.get(_signature(inner.value, lambda x: local.get(x, UNKNOWN)) or "", [])
-                if len(match) != 1:
-                    members = []
-                    break
-                local[inner.var] = match[0]
-                members.append(match[0])
-            result = func.body.body
-            if isinstance(result, relax.Tuple):
-                tuples[b.var] = [local.get(f, UNKNOWN) if members else UNKNOWN for f in result.fields]
-            else:
-                renamed[b.var] = local.get(result, UNKNOWN) if members else UNKNOWN
-            per_call.append([n for n in _unique(node_of[m] for m in sorted(members, key=order.get)) if n])
-        return mod.without_attr(BINDINGS).with_attr(FUSED, per_call)
+            sig = _signature(v, outer) or ""
+            if sig_of.get(b.var.name) == sig:  # a binding FuseOps kept as it was
+                renamed[b.var] = b.var.name
+            else:  # one FuseOps made anew (an output taken out of a fused tuple): found by what it computes
+                match = by_sig.get(sig, [])
+                renamed[b.var] = match[0] if len(match) == 1 else UNKNOWN
+            if isinstance(v, relax.Call) and _is_call_tir(v):
+                per_call.append([n for n in [node_of.get(renamed[b.var], "")] if n])
+            continue
+        func = mod[v.op]
+        local = {p: (outer(a) if isinstance(a, relax.Var) else "<const>") for p, a in zip(func.params, v.args)}
+        members: list[str] = []
+        for inner in _bindings(func):
+            match = by_sig.get(_signature(inner.value, lambda x: local.get(x, UNKNOWN)) or "", [])
+            if len(match) != 1:
+                members = []
+                break
+            local[inner.var] = match[0]
+            members.append(match[0])
+        result = func.body.body
+        if isinstance(result, relax.Tuple):
+            tuples[b.var] = [local.get(f, UNKNOWN) if members else UNKNOWN for f in result.fields]
+        else:
+            renamed[b.var] = local.get(result, UNKNOWN) if members else UNKNOWN
+        per_call.append([n for n in _unique(node_of[m] for m in sorted(members, key=order.get)) if n])
+    return per_call
 
-    return run
 
-
-def name_kernels():
-    """Module pass for after FuseTIR: pairs each call_tir of main with the nodes noted before (attribute KERNELS)."""
-    import tvm
+def _named_kernels(mod, per_call) -> list | None:
     from tvm import relax
 
-    @tvm.transform.module_pass(opt_level=0, name="SlimcNameKernels")
-    def run(mod, _ctx):
-        if mod.attrs is None or FUSED not in mod.attrs:
-            return mod
-        per_call = mod.attrs[FUSED]
-        symbols = [v.args[0].name_hint for b in _bindings(mod["main"])
-                   if isinstance(v := b.value, relax.Call) and _is_call_tir(v)]
-        mod = mod.without_attr(FUSED)
-        if len(symbols) != len(per_call):
-            return mod  # FuseTIR did something this map does not know: no map rather than a wrong one
-        return mod.with_attr(KERNELS, [[s, list(nodes)] for s, nodes in zip(symbols, per_call)])
-
-    return run
+    symbols = [v.args[0].name_hint for b in _bindings(mod["main"])
+               if isinstance(v := b.value, relax.Call) and _is_call_tir(v)]
+    if len(symbols) != len(per_call):
+        return None  # FuseTIR did something this map does not know: no map rather than a wrong one
+    return [[s, list(nodes)] for s, nodes in zip(symbols, per_call)]
 
 
 def called_kernels(mod) -> list[str]:

@@ -72,15 +72,22 @@ class Profile:
 
     def by_kind(self) -> list[tuple[str, int, float]]:
         """(kind, kernel calls, total ms), slowest kind first."""
-        acc: dict[str, list[float]] = {}
-        for k in self.kernels:
-            acc.setdefault(k.kind, []).append(k.median_us)
-        return sorted(((kind, len(v), sum(v) / 1e3) for kind, v in acc.items()), key=lambda r: -r[2])
+        return _totals((k.kind, k) for k in self.kernels)
+
+    def by_node(self) -> list[tuple[str, int, float]]:
+        """(IR node, kernel calls, total ms), slowest first; [] without a kernel map.
+
+        Each kernel counts for the first node it computes (in graph order), the one whose output it writes: the
+        epilogues fused into it from later nodes count there too, and the pads and layout transforms a node's
+        lowering adds for its input count for that node.
+        """
+        return _totals((k.nodes[0], k) for k in self.kernels if k.nodes)
 
     def to_json(self) -> dict:
         return {"end_to_end": self.end_to_end.to_json(), "kernel_ms": self.kernel_ms,
                 "runtime_calls": self.runtime_calls, "mapped": self.mapped,
                 "by_kind": [{"kind": k, "calls": n, "ms": ms} for k, n, ms in self.by_kind()],
+                "by_node": [{"node": k, "calls": n, "ms": ms} for k, n, ms in self.by_node()],
                 "kernels": [asdict(k) for k in self.kernels]}
 
     def lines(self, top: int = 15) -> list[str]:
@@ -104,7 +111,22 @@ class Profile:
         if not self.mapped:
             out.append("(no kernel-to-node map: the artifact was built before slimc recorded one, or its kernels do "
                        "not match it; rebuild it with `slimc compile` to see the nodes)")
+            return out
+        nodes = self.by_node()[:top]
+        out += ["", f"slowest {len(nodes)} IR nodes (each kernel counted for the first node it computes, with the "
+                    "pads and layout transforms of its input):",
+                table(["node", "kernels", "ms", "share"],
+                      [[node, str(n), f"{ms:.3f}", share(ms)] for node, n, ms in nodes],
+                      right=[False, True, True, True])]
         return out
+
+
+def _totals(keyed) -> list[tuple[str, int, float]]:
+    """(key, kernel calls, total ms) over (key, KernelTime) pairs, the largest total first."""
+    acc: dict[str, list[float]] = {}
+    for key, k in keyed:
+        acc.setdefault(key, []).append(k.median_us)
+    return sorted(((key, len(v), sum(v) / 1e3) for key, v in acc.items()), key=lambda r: -r[2])
 
 
 def _short(text: str, width: int = 40) -> str:

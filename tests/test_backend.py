@@ -187,11 +187,15 @@ def test_measure_profile_times_every_kernel_call_of_an_inference(artifact):
     layers = [n.name for n in graph.nodes if n.op in ("conv2d", "dense")]
     assert layers and all(sum(name in k["nodes"] for k in kernels if k["kind"] in ("conv", "depthwise conv", "dense"))
                           == 1 for name in layers)
+    assert sum(r["calls"] for r in prof["by_node"]) == len(kernels)
+    assert set(layers) <= {r["node"] for r in prof["by_node"]}
+    assert abs(sum(r["ms"] for r in prof["by_node"]) - prof["kernel_ms"]) < 1e-9
     adds = [n.name for n in graph.nodes if n.op == "add"]  # one binding each, the output of a fused conv kernel
     assert adds and all(any(a in k["nodes"] and k["kind"] == "conv" for k in kernels) for a in adds)
     text = slimc("measure", artifact, "--profile", "--repeat", "3", "--number", "2")
     assert text.returncode == 0 and "slowest" in text.stdout and "end to end" in text.stdout
-    assert layers[0] in text.stdout and "no kernel-to-node map" not in text.stdout
+    assert layers[0] in text.stdout and "IR nodes (each kernel counted" in text.stdout
+    assert "no kernel-to-node map" not in text.stdout
     bad = slimc("measure", artifact, "--profile", "--rpc", "127.0.0.1:9", "--key", "k")
     assert bad.returncode != 0 and "--profile" in bad.stderr and "Traceback" not in bad.stderr
 

@@ -19,10 +19,15 @@ class LoweringError(SlimcError):
 
 @dataclass(frozen=True)
 class Val:
-    """A lowered value: its Relax expression and channel block (0 = plain layout; b > 0 = NCHW[b]c)."""
+    """A lowered value: its Relax expression and channel block (0 = plain layout; b > 0 = NCHW[b]c).
+
+    `channels` > 0: a kernel wrote the value with its channels padded to that many (an int8 conv's whole 16-channel
+    blocks); the padding holds no data, and `Lowerer.value` hands it out only to readers that ask for it.
+    """
 
     expr: object
     block: int = 0
+    channels: int = 0
 
 
 @dataclass(frozen=True)
@@ -73,19 +78,35 @@ class Lowerer:
     def const(self, array: np.ndarray):
         return self.relax.const(np.ascontiguousarray(array), str(array.dtype))
 
-    def value(self, name: str, block: int | None = None) -> Val:
-        """The value in plain layout (block=0), a given block, or as it is (None)."""
+    def value(self, name: str, block: int | None = None, padded: bool = False) -> Val:
+        """The value in plain layout (block=0), a given block, or as it is (None; with `padded`, channel padding
+        included: for readers whose padded channels multiply zero weights)."""
         if name not in self.env:
             if self.graph.is_param(name):
                 self.env[name] = Val(self.const(self.graph.weight(name)))
             else:
                 raise LoweringError(f"value %{name} used before it was lowered")
         v = self.env[name]
+        if v.channels and not (padded and block is None):
+            return self._unpadded(name, v, block or 0)
         if block is None or v.block == block:
             return v
         key = (name, block)
         if key not in self._converted:
             self._converted[key] = Val(self._relayout(v, block), block)
+        return self._converted[key]
+
+    def _unpadded(self, name: str, v: Val, block: int) -> Val:
+        """A channel-padded value with its true channels, plain (sliced) or in `block` (from plain)."""
+        from tvm.relax import op as R
+
+        key = (name, block)
+        if key not in self._converted:
+            if block:
+                self._converted[key] = Val(self._relayout(self._unpadded(name, v, 0), block), block)
+            else:
+                plain = self._relayout(v, 0)
+                self._converted[key] = self.emit(R.strided_slice(plain, [1], [0], [self.graph.type_of(name).shape[1]]))
         return self._converted[key]
 
     def in_layout(self, v: Val, block: int):

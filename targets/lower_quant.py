@@ -222,8 +222,9 @@ def combine_bytes(lw: Lowerer, acc_hi, acc_lo):
 
 
 def _vnni_conv(lw: Lowerer, n: Node, w: np.ndarray, bias: np.ndarray, scale: np.ndarray, blocks: tuple[int, int],
-               source=None) -> Val:
-    """conv2d_NCHWc_int8 (templated into vpdpbusd) + requantizing epilogue; output channels padded to 16-blocks.
+               source=None, keep_padding: bool = False) -> Val:
+    """conv2d_NCHWc_int8 (templated into vpdpbusd) + requantizing epilogue; output channels padded to 16-blocks,
+    sliced off after unless `keep_padding` (a channel-padded Val, see lower.Val).
     A uint16 input (wide grid, passes/quant/wide.py) runs as two convs over its bytes (`_wide_acc`)."""
     from tvm.relax import op as R
 
@@ -240,8 +241,8 @@ def _vnni_conv(lw: Lowerer, n: Node, w: np.ndarray, bias: np.ndarray, scale: np.
     if extra:
         bias, scale = np.pad(bias, (0, extra)), np.pad(scale, (0, extra), constant_values=1.0)
     y = requantize(lw, acc, n, scale, ob, bias)
-    if not extra:
-        return Val(y, ob)
+    if not extra or keep_padding:
+        return Val(y, ob, cout + extra if extra else 0)
     y = lw.bb.emit(R.layout_transform(y, index_map=lambda b, cb, h, w_, ci: (b, cb * ob + ci, h, w_)))
     return lw.emit(R.strided_slice(y, [1], [0], [cout]))
 
@@ -265,7 +266,13 @@ def _qconv2d(lw: Lowerer, n: Node):
     blocks = _vnni_blocks(lw, n, cin, cout)
     depthwise = a["groups"] == cin == cout and w.shape[1] == 1
     if blocks is not None:
-        return [_vnni_conv(lw, n, w, bias, scale, blocks)]
+        v = lw.value(n.inputs[0], padded=True)
+        if v.channels and v.block % VNNI_IC_LANES == 0 and g.type_of(n.inputs[0]).dtype == "uint8":
+            # the producer's channel padding read as it is: zero weights for it (no slice, no relayout between)
+            w = np.pad(w, ((0, 0), (0, v.channels - cin), (0, 0), (0, 0)))
+            return [_vnni_conv(lw, n, w, bias, scale, (v.block, blocks[1]), lambda block: lw.in_layout(v, block),
+                               keep_padding=True)]
+        return [_vnni_conv(lw, n, w, bias, scale, blocks, keep_padding=True)]
     if depthwise and lw.plan.block:
         b = lw.plan.block_for(cout)
         x = _spatial_pad(lw, lw.expr(n.inputs[0], b), a["padding"], 5, zp)
@@ -325,7 +332,9 @@ def _qadd(lw: Lowerer, n: Node):
     from tvm.relax import op as R
 
     a = n.attrs
-    va, vb = lw.value(n.inputs[0]), lw.value(n.inputs[1])
+    va, vb = lw.value(n.inputs[0], padded=True), lw.value(n.inputs[1], padded=True)
+    if (va.channels, va.block) != (vb.channels, vb.block) or not va.channels:  # elementwise on equal padding only
+        va, vb = lw.value(n.inputs[0]), lw.value(n.inputs[1])
     block = va.block if va.block == vb.block else 0
     xa, xb = (va.expr, vb.expr) if block or not (va.block or vb.block) else \
         (lw.expr(n.inputs[0], 0), lw.expr(n.inputs[1], 0))
@@ -334,5 +343,5 @@ def _qadd(lw: Lowerer, n: Node):
         return R.multiply(R.subtract(R.astype(x, "float32"), lw.const(np.float32(z))), lw.const(np.float32(s)))
 
     y = lw.bb.emit(R.add(deq(xa, a["a_scale"], a["a_zero_point"]), deq(xb, a["b_scale"], a["b_zero_point"])))
-    return [Val(requantize(lw, y, n, None, block), block)]
+    return [Val(requantize(lw, y, n, None, block), block, va.channels)]
 

@@ -67,6 +67,43 @@ def test_build_maps_every_kernel_to_its_ir_nodes(int8_graph, native_build):
     assert any(add in k.nodes and len(k.nodes) > 1 for k in convs)
 
 
+class _Residual24(torch.nn.Module):
+    """A MobileNetV2-like 24-channel residual: 24 is no whole number of VNNI's 16-channel output blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 24, 3, padding=1, stride=2)
+        self.project = torch.nn.Conv2d(24, 24, 1)
+        self.expand = torch.nn.Conv2d(24, 32, 1)
+        self.fc = torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        a = torch.relu(self.stem(x))
+        y = torch.relu(self.expand(a + self.project(a)))
+        return self.fc(y.mean(dim=(2, 3)))
+
+
+@pytest.mark.skipif(resolve("native").int8_dot != "vnni", reason="host CPU has no AVX-512 VNNI")
+def test_int8_convs_read_a_padded_channel_block_as_it_is():
+    """A VNNI conv writes 24 channels as two 16-channel blocks; the 1x1 convs and the residual add read that padding
+    as it is (zero weights for it) instead of slicing to 24 channels and re-blocking: no layout or slice kernel
+    between them, and the build still equals the integer IR bit for bit."""
+    from slimc.targets.build import build
+    from slimc.targets.profile import kernel_kind
+
+    x = np.random.default_rng(1).standard_normal((8, 3, 16, 16)).astype(np.float32)
+    g = from_torch(_Residual24().eval(), (torch.from_numpy(x[:1]),), name="res24")
+    g, _ = PassManager("canonicalize,fold-bn,fuse-act").run(g)
+    f, _ = PassManager("quantize,fold-qdq").run(g.replace(calibration=min_max_ranges(g, x)))
+    r = build(f, resolve("native"), trials=0, progress=False)
+    np.testing.assert_array_equal(_run(r.executable, x[:1]), interpreter.run(f, [x[:1]])[0])
+    convs = [n.name for n in f.nodes if n.op in ("qconv2d", "qadd")][1:]  # what reads the stem's 24 channels
+    assert len(convs) == 3
+    moves = [k for k in r.kernels if set(k.nodes) & set(convs)
+             and (kernel_kind(k.symbol) == "layout transform" or "strided_slice" in k.symbol)]
+    assert not moves, moves
+
+
 def test_generic_integer_kernels_without_vnni_are_bit_exact(int8_graph):
     from slimc.targets.build import build
 

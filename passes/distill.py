@@ -1,8 +1,9 @@
 """Pruning recovery: re-estimate batch-norm statistics on data, then distill from the unpruned model (the teacher).
 
-Both passes read `PassContext.training_data` (`--train`, else `--data`). `bn-reestimate` runs in one pass over the data: every batch_norm
-normalizes with the statistics accumulated so far (this batch included) and the final figures are the population
-mean/variance of its input, so the estimate does not depend on the stale statistics that pruning left behind.
+Both passes read `PassContext.training_data` (`--train`, else `--data`). `bn-reestimate` runs in one pass over the
+data: every batch_norm normalizes with the statistics accumulated so far (this batch included) and the final figures
+are the population mean/variance of its input, so the estimate does not depend on the stale statistics that pruning
+left behind.
 `distill` trains the graph's parameters through the differentiable interpreter against `PassContext.reference`
 (the graph the pipeline started from) with temperature-scaled KL on the outputs, optional cross-entropy to the
 labels and optional feature matching; batch-norm statistics stay frozen there, so re-estimate them first.
@@ -43,9 +44,9 @@ def require_data(ctx: PassContext, pass_name: str) -> Any:
     ds = ctx.training_data
     if ds is None:
         raise PipelineError(f"{pass_name} needs data to run the model on: pass --train or --data SPEC to slimc "
-                            "inspect/compile "
-                            "(a folder of images such as photos/:resize=256,crop=224, an .npy/.npz file, or "
-                            "package.module:callable; see README 'Pruning and recovery'), or set PassContext.data")
+                            "inspect/compile (a folder of images such as photos/:resize=256,crop=224, an .npy/.npz "
+                            "file, or package.module:callable; see README 'Pruning and recovery'), or set "
+                            "PassContext.train or .data")
     if len(ds) == 0:
         raise PipelineError(f"{pass_name}: the data ({getattr(ds, 'name', 'dataset')}) has no samples")
     return ds

@@ -262,10 +262,22 @@ def _pack_depthwise_weight(w: np.ndarray, b: int) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(c // b, b, kh, kw).transpose(0, 2, 3, 1)[:, None, :, :, None, :])
 
 
-def depthwise_nchwc_te(data, kernel, stride: Sequence[int], dilation: Sequence[int], out_dtype: str):
-    """Depthwise conv on pre-padded NCHW[b]c data with a [C/b,1,KH,KW,1,b] kernel (TVM 0.27 has no generic one)."""
-    from tvm import te
+def depthwise_nchwc_te(data, kernel, stride: Sequence[int], dilation: Sequence[int], out_dtype: str,
+                       padding: Sequence[int] = (0, 0, 0, 0), pad_value: float = 0.0):
+    """Depthwise conv on NCHW[b]c data with a [C/b,1,KH,KW,1,b] kernel (TVM 0.27 has no generic one); `padding`
+    (top, left, bottom, right) is a stage of the same kernel, which the template inlines into the conv's loads."""
+    from tvm import te, tirx
 
+    if any(padding):
+        top, left, bottom, right = padding
+        n, cb, h, w, b = data.shape
+        src = data
+        data = te.compute(
+            (n, cb, h + top + bottom, w + left + right, b),
+            lambda i, c, y, x, k: tirx.if_then_else(
+                tirx.all(y >= top, y < h + top, x >= left, x < w + left), src[i, c, y - top, x - left, k],
+                tirx.const(pad_value, src.dtype)),
+            name="depthwise_pad")
     n, cb, h, w, b = data.shape
     _, _, kh, kw, _, _ = kernel.shape
     (sh, sw), (dh, dw) = stride, dilation
@@ -282,7 +294,8 @@ def depthwise_nchwc_te(data, kernel, stride: Sequence[int], dilation: Sequence[i
 
 
 def _spatial_pad(lw: Lowerer, x, padding: Sequence[int], rank: int, value: float = 0.0):
-    """Padding as its own op (keeps the conv's loads simple for vectorization/tensorization)."""
+    """Padding as its own op (keeps a dense conv's loads simple for vectorization/tensorization; depthwise convs
+    pad inside their kernel, see depthwise_nchwc_te)."""
     from tvm.relax import op as R
 
     top, left, bottom, right = padding
@@ -310,14 +323,15 @@ def _conv2d(lw: Lowerer, n: Node):
         b = ob if depthwise else ib
         if depthwise:
             ib = ob = b
-        x = _spatial_pad(lw, lw.expr(n.inputs[0], ib), n.attrs["padding"], 5)
+        x = lw.expr(n.inputs[0], ib)
         layout_in, layout_out = f"NCHW{ib}c", f"NCHW{ob}c"
         with lw.target:
-            if depthwise:
+            if depthwise:  # padding inside the kernel (depthwise_nchwc_te)
                 y = lw.bb.emit_te(depthwise_nchwc_te, x, lw.const(_pack_depthwise_weight(w, b)),
                                   tuple(n.attrs["stride"]), tuple(n.attrs["dilation"]), "float32",
-                                  primfunc_name_hint="depthwise_conv2d_NCHWc")
+                                  tuple(n.attrs["padding"]), primfunc_name_hint="depthwise_conv2d_NCHWc")
             else:
+                x = _spatial_pad(lw, x, n.attrs["padding"], 5)
                 y = lw.bb.emit_te(topi.nn.conv2d_NCHWc, x, lw.const(_pack_conv_weight(w, ib, ob)),
                                   tuple(n.attrs["stride"]), (0, 0), tuple(n.attrs["dilation"]), layout_in, layout_out,
                                   "float32", primfunc_name_hint="conv2d_NCHWc")

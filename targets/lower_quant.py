@@ -275,9 +275,9 @@ def _qconv2d(lw: Lowerer, n: Node):
         return [_vnni_conv(lw, n, w, bias, scale, blocks, keep_padding=True)]
     if depthwise and lw.plan.block:
         b = lw.plan.block_for(cout)
-        x = _spatial_pad(lw, lw.expr(n.inputs[0], b), a["padding"], 5, zp)
-        acc = lw.bb.emit_te(depthwise_nchwc_te, x, lw.const(_pack_depthwise_weight(w, b)), tuple(a["stride"]),
-                            tuple(a["dilation"]), "int32", primfunc_name_hint="depthwise_conv2d_NCHWc")
+        acc = lw.bb.emit_te(depthwise_nchwc_te, lw.expr(n.inputs[0], b), lw.const(_pack_depthwise_weight(w, b)),
+                            tuple(a["stride"]), tuple(a["dilation"]), "int32", tuple(a["padding"]), zp,
+                            primfunc_name_hint="depthwise_conv2d_NCHWc")
         return [Val(requantize(lw, acc, n, scale, b, bias), b)]
     # generic integer conv (first layers with few channels, grouped convs, targets without VNNI)
     x = _spatial_pad(lw, lw.expr(n.inputs[0], 0), a["padding"], 4, zp)

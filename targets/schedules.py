@@ -16,6 +16,7 @@ CONV_BLOCK = "conv2d_NCHWc"
 CONV_INT8_BLOCK = "conv2d_NCHWc_int8"
 CONV_DOT_BLOCK = "conv2d_NCHWc_dot"  # s8 x s8 -> s32 conv for AArch64 sdot (targets/lower_arm.py)
 DEPTHWISE_BLOCK = "depthwise_conv2d_NCHWc"
+DEPTHWISE_PAD_BLOCK = "depthwise_pad"  # the padding stage of a depthwise kernel, inlined into its loads
 SCHEDULED_ATTR = "tirx.is_scheduled"
 
 
@@ -140,6 +141,8 @@ def _schedule_conv_dot(sch, names: list[str], vector_registers: int) -> None:
 
 def _schedule_depthwise(sch, names: list[str], vector_registers: int) -> None:
     dw = sch.get_sblock(DEPTHWISE_BLOCK)
+    if DEPTHWISE_PAD_BLOCK in [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]:
+        sch.compute_inline(sch.get_sblock(DEPTHWISE_PAD_BLOCK))
     _, _, _, out_w, block, kh, kw = [int(sch.get(lp).extent) for lp in sch.get_loops(dw)]
     reg_w = _largest_divisor(out_w, min(vector_registers - 4, 14))
     out = _epilogue(sch, dw, names)

@@ -226,6 +226,19 @@ def test_kernel_map_tells_apart_layers_that_share_a_kernel():
     assert [k.nodes for k in kernels] == [(n.name,) for n in g.nodes if n.op == "conv2d"]
 
 
+def test_depthwise_convs_pad_inside_their_kernel(artifact):
+    """A depthwise conv's padding is a stage of its own kernel (inlined into its loads), not a pad kernel before it."""
+    from slimc import ir
+    from slimc.compile import GRAPH_NAME
+    from slimc.targets.profile import kernel_kind
+
+    graph = ir.load(os.path.join(artifact, GRAPH_NAME))
+    kernels = json.load(open(os.path.join(artifact, "meta.json")))["kernels"]
+    dw = {n.name for n in graph.nodes if n.op == "conv2d" and n.attrs["groups"] > 1 and any(n.attrs["padding"])}
+    assert dw and any(kernel_kind(k["symbol"]) == "pad" for k in kernels)  # the dense convs still pad before
+    assert not [k for k in kernels if kernel_kind(k["symbol"]) == "pad" and dw & set(k["nodes"])]
+
+
 def test_recorded_kernel_calls_replay_the_inference(artifact):
     """The profile times each kernel on copies of the values it got in a real inference: replayed in order, the last
     one writes the model's output."""

@@ -104,6 +104,24 @@ def test_int8_convs_read_a_padded_channel_block_as_it_is():
     assert not moves, moves
 
 
+def test_depthwise_padding_with_the_input_zero_point_is_bit_exact():
+    """A depthwise conv pads inside its kernel with its input's zero point, here not 0 (no activation before it)."""
+    x = np.random.default_rng(2).standard_normal((8, 3, 12, 12)).astype(np.float32)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 1), torch.nn.Conv2d(16, 16, 3, padding=1, groups=16),
+                            torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                            torch.nn.Linear(16, 4)).eval()
+    g = from_torch(m, (torch.from_numpy(x[:1]),), name="dwzp")
+    g, _ = PassManager("canonicalize,fold-bn,fuse-act").run(g)
+    f, _ = PassManager("quantize,fold-qdq").run(g.replace(calibration=min_max_ranges(g, x)))
+    dw = [n for n in f.nodes if n.op == "qconv2d" and n.attrs["groups"] > 1]
+    assert dw and dw[0].attrs.get("x_zero_point", 0) not in (0, 0.0)
+    from slimc.targets.build import build
+
+    for target in ("native", "x86-avx2"):
+        r = build(f, resolve(target), trials=0, progress=False)
+        np.testing.assert_array_equal(_run(r.executable, x[:1]), interpreter.run(f, [x[:1]])[0])
+
+
 def test_generic_integer_kernels_without_vnni_are_bit_exact(int8_graph):
     from slimc.targets.build import build
 

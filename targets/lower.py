@@ -268,6 +268,8 @@ def depthwise_nchwc_te(data, kernel, stride: Sequence[int], dilation: Sequence[i
     (top, left, bottom, right) is a stage of the same kernel, which the template inlines into the conv's loads."""
     from tvm import te, tirx
 
+    from slimc.targets.schedules import DEPTHWISE_BLOCK, DEPTHWISE_PAD_BLOCK
+
     if any(padding):
         top, left, bottom, right = padding
         n, cb, h, w, b = data.shape
@@ -277,7 +279,7 @@ def depthwise_nchwc_te(data, kernel, stride: Sequence[int], dilation: Sequence[i
             lambda i, c, y, x, k: tirx.if_then_else(
                 tirx.all(y >= top, y < h + top, x >= left, x < w + left), src[i, c, y - top, x - left, k],
                 tirx.const(pad_value, src.dtype)),
-            name="depthwise_pad")
+            name=DEPTHWISE_PAD_BLOCK)
     n, cb, h, w, b = data.shape
     _, _, kh, kw, _, _ = kernel.shape
     (sh, sw), (dh, dw) = stride, dilation
@@ -290,7 +292,7 @@ def depthwise_nchwc_te(data, kernel, stride: Sequence[int], dilation: Sequence[i
         lambda i, c, y, x, k: te.sum(
             data[i, c, y * sh + ry * dh, x * sw + rx * dw, k].astype(out_dtype)
             * kernel[c, 0, ry, rx, 0, k].astype(out_dtype), axis=[ry, rx]),
-        name="depthwise_conv2d_NCHWc")
+        name=DEPTHWISE_BLOCK)
 
 
 def _spatial_pad(lw: Lowerer, x, padding: Sequence[int], rank: int, value: float = 0.0):

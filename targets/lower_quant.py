@@ -72,15 +72,48 @@ def requantize(lw: Lowerer, acc, n: Node, scale: np.ndarray | None, block: int, 
     y = bb.emit(R.astype(acc, "float32")) if scale is not None else acc
     if scale is not None:
         y = bb.emit(R.multiply(y, lw.channel_const(scale, block)))
-    y = activation(lw, y, a["act"], a)
+    clamp = _clamp_bounds(a) if a["out_dtype"] != "float32" else None
+    if clamp is None:
+        y = activation(lw, y, a["act"], a)
     if a["out_dtype"] == "float32":
         return y
     lo, hi = QUANT_DTYPES[a["out_dtype"]]
     if a["out_scale"] != 1.0:  # fold-qdq folds the grid into the scale where it can: no division then
         y = R.divide(y, lw.const(np.float32(a["out_scale"])))
     y = R.round(y)
+    if clamp is not None:  # the activation's clamp, carried through the grid, joins the grid's own: one clamp less
+        lo, hi = grid_clamp(a, clamp, lo, hi)
     y = R.clip(R.add(y, lw.const(np.float32(a["out_zero_point"]))), lo, hi)
     return bb.emit(R.astype(y, a["out_dtype"]))
+
+
+def _clamp_bounds(a) -> tuple[float | None, float | None] | None:
+    """(low, high) of an activation that is a clamp (relu, relu6, clip; None = unbounded), else None."""
+    act = a.get("act", "none")
+    if act == "relu":
+        return 0.0, None
+    if act == "relu6":
+        return 0.0, 6.0
+    if act == "clip":
+        return a.get("clip_min", a.get("min")), a.get("clip_max", a.get("max"))
+    return None
+
+
+def grid_clamp(a, clamp: tuple[float | None, float | None], lo: float, hi: float) -> tuple[float, float]:
+    """The grid's clamp [lo, hi] joined with the activation's `clamp` carried onto the grid (see _on_grid)."""
+    lo2, hi2 = (min(max(_on_grid(v, a), lo), hi) if v is not None else q for v, q in zip(clamp, (lo, hi)))
+    return lo2, hi2
+
+
+def _on_grid(v: float, a) -> float:
+    """Where the requantizing epilogue takes the float32 value v: round(v / out_scale) + zero point, in float32.
+
+    Rounding and the division by a positive scale are monotone, so clamping before them equals clamping after them
+    at the bounds' images: the activation's clamp merges into the grid's clamp exactly."""
+    x = np.float32(v)
+    if a["out_scale"] != 1.0:
+        x = np.float32(x / np.float32(a["out_scale"]))
+    return float(np.round(x) + np.float32(a["out_zero_point"]))
 
 
 def pack_int8_conv_weight(w: np.ndarray, ib: int, ob: int = VNNI_OC_BLOCK) -> np.ndarray:

@@ -55,7 +55,8 @@ def test_build_maps_every_kernel_to_its_ir_nodes(int8_graph, native_build):
 
     g, x = int8_graph
     kernels = native_build.kernels
-    calls, _ = record_calls(relax.VirtualMachine(native_build.executable, tvm.cpu()), tvm.cpu(), [tvm.runtime.tensor(x)])
+    vm = relax.VirtualMachine(native_build.executable, tvm.cpu())
+    calls, _ = record_calls(vm, tvm.cpu(), [tvm.runtime.tensor(x)])
     assert [k.symbol for k in kernels] == [symbol for symbol, _ in calls]
     names = [n.name for n in g.nodes]
     assert all(k.nodes for k in kernels) and all(n in names for k in kernels for n in k.nodes)
@@ -120,6 +121,27 @@ def test_depthwise_padding_with_the_input_zero_point_is_bit_exact():
     for target in ("native", "x86-avx2"):
         r = build(f, resolve(target), trials=0, progress=False)
         np.testing.assert_array_equal(_run(r.executable, x[:1]), interpreter.run(f, [x[:1]])[0])
+
+
+@pytest.mark.parametrize("act, bounds, out_scale, zp", [
+    ("relu", {}, 1.0, 0), ("relu", {}, 1.0, 37), ("relu6", {}, 0.05, 3),
+    ("clip", {"clip_min": -2.5, "clip_max": 70.3}, 1.0, 120), ("clip", {"clip_min": 300.0, "clip_max": 400.0}, 1.0, 0),
+    ("clip", {"clip_min": -90.0, "clip_max": -20.0}, 0.5, 10), ("clip", {"clip_max": 2612.5952764079939}, 1.0, 0)])
+def test_requantize_merges_the_activation_clamp_into_the_grid_clamp_exactly(act, bounds, out_scale, zp):
+    """clip(round(clamp(y) / s) + zp, 0, 255) == clip(round(y / s) + zp, L, H) with L, H the clamp's images: the
+    epilogue drops the activation's clamp; float32 throughout, as in the kernel, over values around every bound."""
+    from slimc.targets.lower_quant import _clamp_bounds, grid_clamp
+
+    a = {"act": act, "out_scale": out_scale, "out_zero_point": zp, **bounds}
+    lo_act, hi_act = _clamp_bounds(a)
+    y = np.concatenate([np.linspace(-500, 3000, 20001), *[v + np.linspace(-2, 2, 4001) for v in (lo_act, hi_act)
+                                                         if v is not None]]).astype(np.float32)
+    s, z = np.float32(out_scale), np.float32(zp)
+    clamped = np.clip(y, np.float32(-np.inf if lo_act is None else lo_act),
+                      np.float32(np.inf if hi_act is None else hi_act))
+    old = np.clip(np.round(clamped / s if out_scale != 1.0 else clamped) + z, 0, 255)
+    new = np.clip(np.round(y / s if out_scale != 1.0 else y) + z, *grid_clamp(a, (lo_act, hi_act), 0, 255))
+    np.testing.assert_array_equal(old, new)
 
 
 def test_generic_integer_kernels_without_vnni_are_bit_exact(int8_graph):

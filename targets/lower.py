@@ -207,6 +207,17 @@ def default_plan(target) -> LayoutPlan:
 
 # ---- activations -----------------------------------------------------------------------------------
 
+def clamp_bounds(act: str, attrs) -> tuple[float | None, float | None] | None:
+    """(low, high) of an activation that is a clamp (relu, relu6, clip; None = unbounded), else None."""
+    if act == "relu":
+        return 0.0, None
+    if act == "relu6":
+        return 0.0, 6.0
+    if act == "clip":
+        return attrs.get("clip_min", attrs.get("min")), attrs.get("clip_max", attrs.get("max"))
+    return None
+
+
 def activation(lw: Lowerer, x, act: str, attrs) -> object:
     """Emit an activation on a Relax expression (layout-agnostic)."""
     from tvm.relax import op as R
@@ -216,11 +227,8 @@ def activation(lw: Lowerer, x, act: str, attrs) -> object:
         return x
     if act == "relu":
         return bb.emit(R.nn.relu(x))
-    if act == "relu6":
-        return bb.emit(R.clip(x, 0.0, 6.0))
-    if act == "clip":
-        lo = attrs.get("clip_min", attrs.get("min"))
-        hi = attrs.get("clip_max", attrs.get("max"))
+    if act in ("relu6", "clip"):
+        lo, hi = clamp_bounds(act, attrs)
         return bb.emit(R.clip(x, -3.4e38 if lo is None else lo, 3.4e38 if hi is None else hi))
     if act == "hardswish":
         r = bb.emit(R.clip(R.add(x, lw.const(np.float32(3.0))), 0.0, 6.0))

@@ -12,7 +12,7 @@ import numpy as np
 
 from slimc.ir import Node
 from slimc.ops import QUANT_DTYPES
-from slimc.targets.lower import Lowerer, Val, _spatial_pad, activation, lowering
+from slimc.targets.lower import Lowerer, Val, _spatial_pad, activation, clamp_bounds, lowering
 
 VNNI_OC_BLOCK = 16  # output channels per vpdpbusd
 VNNI_IC_LANES = 4  # u8 x s8 products summed per int32 lane
@@ -72,7 +72,7 @@ def requantize(lw: Lowerer, acc, n: Node, scale: np.ndarray | None, block: int, 
     y = bb.emit(R.astype(acc, "float32")) if scale is not None else acc
     if scale is not None:
         y = bb.emit(R.multiply(y, lw.channel_const(scale, block)))
-    clamp = _clamp_bounds(a) if a["out_dtype"] != "float32" else None
+    clamp = clamp_bounds(a["act"], a) if a["out_dtype"] != "float32" else None
     if clamp is None:
         y = activation(lw, y, a["act"], a)
     if a["out_dtype"] == "float32":
@@ -85,18 +85,6 @@ def requantize(lw: Lowerer, acc, n: Node, scale: np.ndarray | None, block: int, 
         lo, hi = grid_clamp(a, clamp, lo, hi)
     y = R.clip(R.add(y, lw.const(np.float32(a["out_zero_point"]))), lo, hi)
     return bb.emit(R.astype(y, a["out_dtype"]))
-
-
-def _clamp_bounds(a) -> tuple[float | None, float | None] | None:
-    """(low, high) of an activation that is a clamp (relu, relu6, clip; None = unbounded), else None."""
-    act = a.get("act", "none")
-    if act == "relu":
-        return 0.0, None
-    if act == "relu6":
-        return 0.0, 6.0
-    if act == "clip":
-        return a.get("clip_min", a.get("min")), a.get("clip_max", a.get("max"))
-    return None
 
 
 def grid_clamp(a, clamp: tuple[float | None, float | None], lo: float, hi: float) -> tuple[float, float]:

@@ -130,10 +130,11 @@ def test_depthwise_padding_with_the_input_zero_point_is_bit_exact():
 def test_requantize_merges_the_activation_clamp_into_the_grid_clamp_exactly(act, bounds, out_scale, zp):
     """clip(round(clamp(y) / s) + zp, 0, 255) == clip(round(y / s) + zp, L, H) with L, H the clamp's images: the
     epilogue drops the activation's clamp; float32 throughout, as in the kernel, over values around every bound."""
-    from slimc.targets.lower_quant import _clamp_bounds, grid_clamp
+    from slimc.targets.lower import clamp_bounds
+    from slimc.targets.lower_quant import grid_clamp
 
     a = {"act": act, "out_scale": out_scale, "out_zero_point": zp, **bounds}
-    lo_act, hi_act = _clamp_bounds(a)
+    lo_act, hi_act = clamp_bounds(act, a)
     y = np.concatenate([np.linspace(-500, 3000, 20001), *[v + np.linspace(-2, 2, 4001) for v in (lo_act, hi_act)
                                                          if v is not None]]).astype(np.float32)
     s, z = np.float32(out_scale), np.float32(zp)

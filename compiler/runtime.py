@@ -38,6 +38,7 @@ class CompiledModel:
     meta: dict
     vm: object
     device: object
+    lib: object  # the loaded library (its imports hold the compiled kernels)
 
     @property
     def input_names(self) -> list[str]:
@@ -84,4 +85,4 @@ def load(path: str | os.PathLike[str]) -> CompiledModel:
                             "(or check it here with `slimc verify --qemu`)")
     lib = tvm.runtime.load_module(lib_path)
     dev = tvm.cpu()
-    return CompiledModel(path, meta, relax.VirtualMachine(lib, dev), dev)
+    return CompiledModel(path, meta, relax.VirtualMachine(lib, dev), dev, lib)

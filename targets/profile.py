@@ -177,14 +177,13 @@ def profile_local(model, inputs: Sequence[np.ndarray], *, number: int = 10, repe
     """Profile a loaded artifact (slimc.runtime.CompiledModel) on this machine."""
     import tvm
 
-    lib = tvm.runtime.load_module(f"{model.path}/model.so")
     e2e = measure_local(model, inputs, number=number, repeat=repeat, warmup=warmup)  # before any instrument is set
     calls, builtins = record_calls(model.vm, model.device, model._tensors(inputs))
     planned = model.meta.get("kernels") or []
     mapped = [k["symbol"] for k in planned] == [symbol for symbol, _ in calls]
     kernels = []
     for i, (symbol, args) in enumerate(calls):
-        mod = _kernel_module(lib, symbol)
+        mod = _kernel_module(model.lib, symbol)
         if mod is None:
             raise MeasureError(f"kernel {symbol} (call {i}) is not in {model.path}/model.so; rebuild the artifact "
                                "with `slimc compile`")
